@@ -1,0 +1,99 @@
+"""A directory of step_NNNNNNNN checkpoints: save, find the newest complete one, load it, prune old ones."""
+
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from moetron.config import ConfigError
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    train_state: dict
+    skipped: list[str]  # newer checkpoints that could not be read, with the reason
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path, keep: int = 3):
+        self.root = Path(root)
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def complete(self) -> list[Path]:
+        """Published checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: p.name)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+        final = self.path(step)
+        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with open(tmp / TRAIN_STATE, "w") as f:
+            json.dump(train_state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the atomic publish
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint | None:
+        """Load the newest checkpoint that reads back; fall back past corrupt ones (reported in `skipped`)."""
+        skipped = []
+        for path in reversed(self.complete()):
+            try:
+                train_state = self.load(path, model, optimizer)
+            except ConfigError as err:
+                skipped.append(str(err))
+                continue
+            return LoadedCheckpoint(path, train_state, skipped)
+        if skipped:
+            raise ConfigError(
+                f"No checkpoint under {self.root} could be read: {' '.join(skipped)} "
+                "Valid: a directory with at least one complete checkpoint, or an empty run.dir to start fresh."
+            )
+        return None
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        state_file = path / TRAIN_STATE
+        try:
+            with open(state_file) as f:
+                train_state = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:  # DCP raises several types for truncated or missing shards
+            raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return train_state

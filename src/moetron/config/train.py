@@ -1,0 +1,112 @@
+"""Typed configuration of the trainer, the data and the run (SPEC §2 defaults)."""
+
+from dataclasses import dataclass, field
+
+from moetron.config.errors import invalid
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with FP32 master weights and low-precision moments; the LR schedule of SPEC §2."""
+
+    lr: float = 2.2e-4
+    min_lr: float = 2.2e-5  # reached at the end of the cosine decay, then held
+    final_lr: float = 7.3e-6  # the last stage of the run
+    warmup_steps: int = 2000
+    decay_start_tokens: float = 10e12  # constant LR until here
+    decay_tokens: float = 4.3e12  # cosine from lr to min_lr over this many tokens
+    final_lr_start_tokens: float = 14.633e12  # min_lr for 333B tokens after the decay, then final_lr
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global norm; 0 disables clipping
+    moment_dtype: str = "bfloat16"  # bfloat16 | float32
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 15360  # sequences per optimizer step at the end of the ramp
+    batch_ramp_start: int = 3072  # sequences per step at the start of the ramp
+    batch_ramp_tokens: float = 469e9  # tokens over which the batch grows to global_batch_size
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch_tokens: float = 10e12
+    bias_update_rate: float = 0.001  # gamma of the aux-loss-free balancing
+    bias_update_stop_tokens: float = 14.3e12  # gamma is 0 afterwards
+    precision: str = "fp32"  # compute dtype: fp32 | bf16 (autocast; parameters stay FP32 masters)
+    eval_every: int = 50  # steps; 0 disables validation
+    eval_batches: int = 4  # micro-batches of the held-out split per validation
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["data/corpus/train.jsonl"])
+    val_files: list[str] = field(default_factory=lambda: ["data/corpus/val.jsonl"])
+    tokenizer: str | None = None  # None: byte-level; else a Hugging Face `tokenizers` JSON file
+    fim_rate: float = 0.1  # share of documents rewritten as Fill-in-Middle (PSM layout)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps; 0 means every quarter of the run
+    keep_checkpoints: int = 3
+    progress: bool = True  # a progress bar with loss, tok/s and ETA
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+def validate_train(train: TrainConfig, prefix: str = "train") -> None:
+    for name in ["steps", "seq_len", "micro_batch_size", "global_batch_size", "batch_ramp_start"]:
+        if getattr(train, name) <= 0:
+            raise invalid(f"{prefix}.{name}", getattr(train, name), "a positive integer")
+    if train.global_batch_size % train.micro_batch_size:
+        raise invalid(f"{prefix}.global_batch_size", train.global_batch_size,
+                      f"a multiple of train.micro_batch_size ({train.micro_batch_size})")
+    if train.batch_ramp_start > train.global_batch_size:
+        raise invalid(f"{prefix}.batch_ramp_start", train.batch_ramp_start,
+                      f"at most train.global_batch_size ({train.global_batch_size})")
+    if train.batch_ramp_start < train.micro_batch_size:
+        raise invalid(f"{prefix}.batch_ramp_start", train.batch_ramp_start,
+                      f"at least train.micro_batch_size ({train.micro_batch_size})")
+    if train.precision not in ("fp32", "bf16"):
+        raise invalid(f"{prefix}.precision", train.precision, "'fp32' or 'bf16'")
+    if train.eval_every < 0 or train.eval_batches < 0:
+        raise invalid(f"{prefix}.eval_every", train.eval_every, "an integer >= 0 (0 disables validation)")
+    for name in ["mtp_lambda", "mtp_lambda_final", "bias_update_rate"]:
+        if getattr(train, name) < 0:
+            raise invalid(f"{prefix}.{name}", getattr(train, name), "a number >= 0")
+    opt = train.optim
+    if opt.lr <= 0 or opt.min_lr < 0 or opt.final_lr < 0:
+        raise invalid(f"{prefix}.optim.lr", opt.lr, "lr > 0 with min_lr and final_lr >= 0")
+    if opt.warmup_steps < 0:
+        raise invalid(f"{prefix}.optim.warmup_steps", opt.warmup_steps, "an integer >= 0")
+    if not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
+        raise invalid(f"{prefix}.optim.beta1/beta2", (opt.beta1, opt.beta2), "numbers in [0, 1)")
+    if opt.grad_clip < 0 or opt.weight_decay < 0:
+        raise invalid(f"{prefix}.optim.grad_clip", opt.grad_clip, "numbers >= 0 for grad_clip and weight_decay")
+    if opt.moment_dtype not in ("bfloat16", "float32"):
+        raise invalid(f"{prefix}.optim.moment_dtype", opt.moment_dtype, "'bfloat16' or 'float32'")
+
+
+def validate_data(data: DataConfig, prefix: str = "data") -> None:
+    if not 0.0 <= data.fim_rate <= 1.0:
+        raise invalid(f"{prefix}.fim_rate", data.fim_rate, "a probability in [0, 1]")
+    if not data.train_files:
+        raise invalid(f"{prefix}.train_files", data.train_files, "a non-empty list of text files")
+
+
+def validate_run(run: RunConfig, prefix: str = "run") -> None:
+    if not run.dir:
+        raise invalid(f"{prefix}.dir", run.dir, "a directory path")
+    for name in ["log_every", "keep_checkpoints"]:
+        if getattr(run, name) <= 0:
+            raise invalid(f"{prefix}.{name}", getattr(run, name), "a positive integer")
+    if run.save_every < 0 or run.threads < 0:
+        raise invalid(f"{prefix}.save_every", run.save_every, "an integer >= 0 (0: every quarter of the run)")

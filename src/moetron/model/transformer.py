@@ -1,0 +1,82 @@
+"""The DeepSeek-V3 language model: embedding, MLA + (dense | MoE) blocks, final norm, output head,
+and D multi-token-prediction modules that share the embedding and the head (SPEC §1)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.config import ModelConfig
+from moetron.model.block import Block
+from moetron.model.moe import MoE
+from moetron.model.mtp import MTPModule, shift_left
+from moetron.model.norm import RMSNorm
+from moetron.model.rope import rope_cos_sin
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss (the balance loss trains through its own hook)
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(cfg, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from the embedding
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, 0.006) for every matrix (SPEC §1.5), ones for norms, zero balancing bias."""
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                nn.init.normal_(param, mean=0.0, std=self.cfg.initializer_range)
+            else:
+                nn.init.ones_(param)
+        for module in self.moe_layers():
+            module.gate.e_score_correction_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def rope(self, seq_len: int, device: torch.device):
+        positions = torch.arange(seq_len, device=device)
+        return rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, mtp_lambda: float = 0.0):
+        """tokens [B, S] -> logits [B, S, V]; with labels [B, S] (the tokens shifted by one), also the losses
+        L = L_main + (lambda / D) * sum_k CE(P^k, labels shifted by k)."""
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.lm_head(self.norm(h))
+        if labels is None:
+            return ModelOutput(logits=logits)
+
+        lm_loss = cross_entropy(logits, labels)
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            h = module(h, self.embed_tokens(shift_left(tokens, k, fill=0)), cos, sin)
+            mtp_logits = self.lm_head(module.norm(h))
+            mtp_losses.append(cross_entropy(mtp_logits, shift_left(labels, k, fill=IGNORE_INDEX)))
+        mtp_loss = mtp_lambda * torch.stack(mtp_losses).mean() if mtp_losses else None
+        loss = lm_loss + mtp_loss if mtp_loss is not None else lm_loss
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)

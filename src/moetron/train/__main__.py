@@ -1,0 +1,32 @@
+"""`python -m moetron.train [hydra overrides]`: train (or resume) the run in run.dir."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from moetron.config import ConfigError
+from moetron.config.hydra import register_schema, to_config
+
+register_schema()
+
+
+@hydra.main(config_path="pkg://moetron.hydra_conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        from moetron.train.trainer import Trainer
+
+        trainer = Trainer(to_config(cfg))
+        last = trainer.fit()
+    except ConfigError as err:  # a user mistake: one paragraph, no traceback, nothing written over
+        print(f"moetron: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if last is not None:
+        summary = f"step {last['step']}  loss {last['loss']:.4f}  lm_loss {last['lm_loss']:.4f}"
+        if "val_loss" in last:
+            summary += f"  val_loss {last['val_loss']:.4f}"
+        print(f"moetron: done: {summary}  run.dir={trainer.run_dir}")
+
+
+if __name__ == "__main__":
+    main()
