@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moetron.config import ConfigError
@@ -40,17 +41,20 @@ class CheckpointStore:
         found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: p.name)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             train_state: dict) -> Path:
+        """Publish a checkpoint of the model (and the optimizer, unless None: e.g. an imported model)."""
         final = self.path(step)
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer or [])
+        state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended here
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp))
         with open(tmp / TRAIN_STATE, "w") as f:
-            json.dump(train_state, f, indent=1)
+            json.dump({**train_state, "has_optimizer": optimizer is not None}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
@@ -89,11 +93,17 @@ class CheckpointStore:
             raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        if not train_state.get("has_optimizer", True):  # a model-only checkpoint (e.g. imported weights)
+            state = {"model": model_sd}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # DCP raises several types for truncated or missing shards
-            raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+            cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+            raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err
+        if "optim" in state:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            model.load_state_dict(state["model"])
         return train_state

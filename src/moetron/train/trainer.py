@@ -72,7 +72,7 @@ class Trainer:
             self.metrics.truncate_after(0)
             self.events.event("start", 0, params=sum(p.numel() for p in self.model.parameters()))
             return
-        self.state = TrainState(**loaded.train_state)
+        self.state = TrainState(**{k: loaded.train_state.get(k, 0) for k in ('step', 'tokens', 'sequences')})
         for reason in loaded.skipped:
             self.events.event("checkpoint_skipped", self.state.step, reason=reason)
         self.metrics.truncate_after(self.state.step)  # steps logged after the checkpoint will be redone

@@ -1,0 +1,16 @@
+"""Helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
+
+from moetron.config import ModelConfig
+
+
+def small_model_config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, first_k_dense_replace=1,
+        num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=256,
+    )
+    base.update(overrides)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
