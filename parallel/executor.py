@@ -146,16 +146,16 @@ class PipelineExecutor:
             if isinstance(step, FB):
                 self._pair(step)
             elif step.op == Op.F:
-                self._finish_forward(step, self._forward_job(step).run())
-            elif step.op == Op.BW:
-                job = self._backward_job(step)
-                self._finish_backward(step, job.backward.full())
-            elif step.op == Op.B:
-                job = self._backward_job(step)
-                self._finish_backward(step, job.backward.inputs_only())
-            else:
+                job = self._forward_job(step)
+                self._finish_forward(job, job.run())
+            elif step.op == Op.W:
                 self.weight_grads.run(self._key(step))
                 del self._chunks[self._key(step)]
+            else:
+                job = self._backward_job(step)
+                split = step.op == Op.B
+                grads = job.backward.inputs_only() if split else job.backward.full()
+                self._finish_backward(job, grads)
             self.comm.poll()
         self.comm.flush()
         if self._chunks or len(self.weight_grads):
@@ -199,11 +199,11 @@ class PipelineExecutor:
         target = self._targets[a.microbatch] if last else None
         return ForwardJob(a, self.stages[a.stage_id], x, self.loss_fn if last else None, target)
 
-    def _finish_forward(self, a: Action, out: torch.Tensor) -> None:
-        s, key = self.schedule, self._key(a)
-        job_input = self._pending_input
-        root = get_gradient_edge(out) if out.requires_grad else None
-        self._chunks[key] = _Chunk(job_input if job_input is not None and job_input.requires_grad else None, root)
+    def _finish_forward(self, job: ForwardJob, out: torch.Tensor) -> None:
+        """Record what the backward needs, then hand the output on (or keep the loss)."""
+        s, a = self.schedule, job.action
+        x = job.input if job.input.requires_grad else None
+        self._chunks[self._key(a)] = _Chunk(x, get_gradient_edge(out) if out.requires_grad else None)
         self._peak = max(self._peak, len(self._chunks))
         if a.stage == s.num_stages - 1:
             self._losses[a.microbatch] = out.detach()
@@ -213,4 +213,102 @@ class PipelineExecutor:
         if dst == self.rank:
             self._local[msg] = out.detach()
         else:
-            self.comm.send(msg, out, dst)
+            self.comm.send(msg, out, dst)  # `out` itself is not kept: the graph holds what it saved
+
+    # ------------------------------------------------------------------------------ backward
+    def _backward_job(self, a: Action) -> BackwardJob:
+        s, chunk = self.schedule, self._chunks[self._key(a)]
+        if a.stage == s.num_stages - 1:
+            grad = None  # the loss: d loss / d loss = 1
+        else:
+            msg = Message("grad", a.microbatch, a.stage)
+            src = s.rank_of(a.stage + 1, a.direction)
+            grad = self._local.pop(msg) if src == self.rank else self.comm.recv(msg, src)
+        inputs = [] if chunk.input is None else [chunk.input]
+        if chunk.root is not None and grad is None:
+            grad = torch.ones((), dtype=self._losses[a.microbatch].dtype, device=self.device)
+        chunk.backward = ChunkBackward(chunk.root, grad, inputs) if chunk.root is not None else None
+        return BackwardJob(a, self.stages[a.stage_id], chunk.backward or _NoBackward())
+
+    def _finish_backward(self, job: BackwardJob, grads: list[torch.Tensor | None]) -> None:
+        s, a, key = self.schedule, job.action, self._key(job.action)
+        chunk = self._chunks[key]
+        if a.op == Op.B:
+            self.weight_grads.put(key, chunk.backward or _NoBackward())
+        else:
+            del self._chunks[key]
+        if a.stage == 0:
+            return
+        x = chunk.input
+        grad = grads[0] if grads and grads[0] is not None else None
+        if grad is None:
+            if x is None:
+                raise RuntimeError(
+                    f"stage {a.stage} received a non-float or non-differentiable input, so no gradient "
+                    "can flow to the previous stage"
+                )
+            grad = torch.zeros_like(x)
+        msg = Message("grad", a.microbatch, a.stage - 1)
+        dst = s.rank_of(a.stage - 1, a.direction)
+        if dst == self.rank:
+            self._local[msg] = grad
+        else:
+            self.comm.send(msg, grad, dst)
+
+    # ---------------------------------------------------------------------------------- F&B
+    def _pair(self, pair: FB) -> None:
+        forward, backward = self._forward_job(pair.forward), self._backward_job(pair.backward)
+        hook = self._forward_backward or getattr(
+            type(forward.module), "overlapped_forward_backward", sequential_forward_backward
+        )
+        out, grads = hook(forward, backward)
+        self._finish_forward(forward, out)
+        self._finish_backward(backward, grads)
+
+    # ------------------------------------------------------------------------- DualPipe copies
+    def _sum_copies(self) -> None:
+        """Each stage held twice (DualPipe): both copies end with grad(direction 0) + grad(direction 1)."""
+        s = self.schedule
+        ops, exchanges = [], []
+        for sid, module in sorted(self.stages.items()):
+            for other, rank in sorted(s.placement.items()):
+                if other.stage != sid.stage or other == sid:
+                    continue
+                params = list(module.parameters())
+                mine = torch.cat([_grad_or_zeros(p).reshape(-1) for p in params]) if params else None
+                if mine is None:
+                    continue
+                theirs = torch.empty_like(mine)
+                peer = rank if self.group is None else dist.get_global_rank(self.group, rank)
+                tag = 1 << 30 | sid.stage
+                ops.append(dist.P2POp(dist.isend, mine, peer, self.group, tag))
+                ops.append(dist.P2POp(dist.irecv, theirs, peer, self.group, tag))
+                exchanges.append((params, mine, theirs, sid.direction < other.direction))
+        if not ops:
+            return
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        for params, mine, theirs, mine_first in exchanges:
+            total = mine + theirs if mine_first else theirs + mine
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = total[offset : offset + n].view_as(p).clone()
+                offset += n
+
+
+class _NoBackward:
+    """A chunk whose output needs no gradient (no parameters, no differentiable input)."""
+
+    def full(self) -> list:
+        return []
+
+    def inputs_only(self) -> list:
+        return []
+
+    def weights(self) -> None:
+        return None
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import small_model_config
 
 from moetron.model import grouped_gemm
 from moetron.model.moe import MoE, Router, max_violation, run_experts, sequence_balance_loss
-from helpers import small_model_config
 
 
 def reference_route(scores, bias, top_k, n_group, topk_group, scaling):

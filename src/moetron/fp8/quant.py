@@ -109,7 +109,7 @@ def quantize_128x1_grouped(
     x [N, K] -> (data [N, K], scales [sum_e ceil(counts_e/128), K])."""
     tile, tiles_per_group = group_tiles(counts.to(x.device))
     amax = x.new_zeros(int(tiles_per_group.sum()), x.shape[1], dtype=torch.float32)
-    amax.index_reduce_(0, tile, x.float().abs(), "amax")
+    amax.scatter_reduce_(0, tile[:, None].expand(-1, x.shape[1]), x.float().abs(), "amax")
     scales = scales_from_amax(amax, power_of_two)
     return to_fp8(x.float() / scales[tile]), scales
 

@@ -47,9 +47,12 @@ def _yarn_scales_expressible(rs: RopeScaling) -> bool:
     return bool(rs.mscale and rs.mscale_all_dim) or (rs.mscale == 1 and not rs.mscale_all_dim)
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_token_id: int | None = None,
-              pad_token_id: int | None = None) -> dict:
-    """A DeepseekV3Config-compatible dict (the published config.json's keys) for `cfg`."""
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_token_id: int | None = None) -> dict:
+    """A DeepseekV3Config-compatible dict (the published config.json's keys) for `cfg`.
+
+    pad_token_id stays null: transformers would make it the embedding's padding_idx (a frozen row)."""
+    if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
+        eos_token_id = None
     rope_scaling = None
     if cfg.rope_scaling.type == "yarn":
         rs = cfg.rope_scaling
@@ -106,7 +109,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_token_id: int | None = N
         "tie_word_embeddings": False,
         "bos_token_id": None,
         "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
+        "pad_token_id": None,
         "use_cache": True,
         "torch_dtype": DTYPE_NAMES[dtype],
     }

@@ -153,11 +153,13 @@ def init_like(name: str, shape, cfg: ModelConfig, generator: torch.Generator) ->
 
 
 def from_hf(source: TensorSource, cfg: ModelConfig, expected: Mapping[str, torch.Size],
-            tied_embeddings: bool = False, init_missing_mtp: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+            tied_embeddings: bool = False, init_missing_mtp: bool = True,
+            ignore_mtp_layers: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """moetron's state dict (names and shapes of `expected`, FP32) from a published-layout source.
 
     Returns the state and notes for the user. An MTP module that is absent altogether (e.g. a model saved by
-    transformers, which drops it) is freshly initialized when `init_missing_mtp`, else it is an error."""
+    transformers, which drops it) is freshly initialized when `init_missing_mtp`, else it is an error.
+    `ignore_mtp_layers`: MTP layers beyond cfg.num_nextn_predict_layers are skipped instead of refused."""
     reader = _Reader(source, cfg)
     notes: list[str] = []
     absent_mtp = {
@@ -202,7 +204,13 @@ def from_hf(source: TensorSource, cfg: ModelConfig, expected: Mapping[str, torch
 
     # Copies of shared tensors, rotary caches and FP8 scales are expected extras; anything else means a mismatch.
     ignorable = re.compile(r"(rotary_emb\.inv_freq|_scale_inv)$|^model\.layers\.\d+\.(shared_head\.head|embed_tokens)\.weight$")
-    unexpected = sorted(n for n in reader.available - reader.used if not ignorable.search(n))
+    first_extra = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+
+    def extra_mtp(n: str) -> bool:  # MTP layers the caller chose not to import
+        m = re.match(r"^model\.layers\.(\d+)\.", n)
+        return ignore_mtp_layers and m is not None and int(m[1]) >= first_extra
+
+    unexpected = sorted(n for n in reader.available - reader.used if not ignorable.search(n) and not extra_mtp(n))
     if unexpected:
         shown = ", ".join(f"`{n}`" for n in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         raise ConfigError(

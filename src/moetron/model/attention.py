@@ -54,8 +54,12 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
 
-        # The attention core softmax(QK^T)V stays in high precision (SPEC §4); SDPA picks the kernel.
+        # The attention core softmax(QK^T)V stays in high precision (SPEC §4). Fused SDPA kernels want one
+        # head dim for q, k and v: pad v with zeros to the q/k dim and drop the padding after.
+        pad = q.shape[-1] - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
+        out = out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
+        return self.o_proj(out)

@@ -45,7 +45,7 @@ class DeepSeekV3(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, 0.006) for every matrix (SPEC §1.5), ones for norms, zero balancing bias."""
-        for name, param in self.named_parameters():
+        for param in self.parameters():
             if param.dim() >= 2:
                 nn.init.normal_(param, mean=0.0, std=self.cfg.initializer_range)
             else:

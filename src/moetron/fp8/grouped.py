@@ -1,0 +1,165 @@
+"""FP8 grouped GEMMs for the routed experts: rows sorted by expert, per-expert weights [E, out, in],
+counts [E]. The same recipe as linear.py, with the Wgrad's 128x1 tiles restarting at every expert so
+no tile mixes two experts' tokens.
+
+FP8SwiGLUExperts is the whole expert FFN, down(silu(gate) * up): its saved activations are the input x
+(128x1, FP8) and the SwiGLU input h = [gate, up] (1x128, FP8); the SwiGLU output is recomputed from h in
+backward instead of being stored (SPEC §4).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.fp8.backends import Kernel, check_kernel_backend, gemm_kernel
+from moetron.fp8.linear import compute_dtype, wgrad
+from moetron.fp8.quant import (
+    TILE,
+    ceil_div,
+    dequantize_1x128,
+    quantize_1x128,
+    quantize_128x1_grouped,
+    quantize_128x128,
+)
+
+
+def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
+    """Rows of expert e times b[e]^T: a [N, K] FP8 (1x128), b [E, out, K] FP8 (128x128) -> [N, out]."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    start = 0
+    for expert, rows in enumerate(splits):
+        if rows:
+            part = slice(start, start + rows)
+            out[part] = kernel(a[part], a_scales[part], b[expert], b_scales[expert], b_block=True,
+                               out_dtype=out_dtype)
+        start += rows
+    return out
+
+
+def grouped_wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, splits: list[int], out) -> torch.Tensor:
+    """out[e] = dy_e^T x_e from grouped 128x1 data (scales hold ceil(rows_e / 128) tiles per expert)."""
+    row = tile = 0
+    for expert, rows in enumerate(splits):
+        tiles = ceil_div(rows, TILE)
+        if rows:
+            r, t = slice(row, row + rows), slice(tile, tile + tiles)
+            out[expert] = wgrad(kernel, dy_t[r], dy_t_scales[t], x_t[r], x_t_scales[t], out.dtype)
+        row, tile = row + rows, tile + tiles
+    return out
+
+
+def _dgrad(kernel, dy, weight, splits, p2, out_dtype):
+    dy_q, dy_s = quantize_1x128(dy, p2)
+    wt_q, wt_s = quantize_128x128(weight.transpose(-2, -1), p2)  # fresh from the high-precision W^T
+    return grouped_gemm(kernel, dy_q, dy_s, wt_q, wt_s, splits, out_dtype)
+
+
+def _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2):
+    dy_t, dy_t_s = quantize_128x1_grouped(dy, counts, p2)
+    return grouped_wgrad(kernel, dy_t, dy_t_s, x_t, x_t_s, splits, torch.zeros_like(weight))
+
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, counts, kernel, power_of_two, keep_for_wgrad):
+        splits = counts.tolist()
+        x_q, x_s = quantize_1x128(x, power_of_two)
+        w_q, w_s = quantize_128x128(weight, power_of_two)
+        y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, compute_dtype(x))
+        saved = quantize_128x1_grouped(x, counts, power_of_two) if keep_for_wgrad else (None, None)
+        ctx.save_for_backward(*saved, weight, counts)
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_t, x_t_s, weight, counts = ctx.saved_tensors
+        kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
+        dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dw = _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None
+
+
+def fp8_grouped_linear(x, weight, counts, *, kernel: Kernel, power_of_two: bool = False) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ weight[e]^T with the three GEMMs in FP8."""
+    keep_for_wgrad = torch.is_grad_enabled() and weight.requires_grad
+    return FP8GroupedLinearFunction.apply(x, weight, counts, kernel, power_of_two, keep_for_wgrad)
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.float().chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class FP8SwiGLUExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad):
+        p2, splits = power_of_two, counts.tolist()
+        x_q, x_s = quantize_1x128(x, p2)
+        w1_q, w1_s = quantize_128x128(gate_up, p2)
+        h = grouped_gemm(kernel, x_q, x_s, w1_q, w1_s, splits, torch.float32)
+        h_q, h_s = quantize_1x128(h, p2)  # the SwiGLU input, cached in FP8
+        a_q, a_s = quantize_1x128(_swiglu(h), p2)
+        w2_q, w2_s = quantize_128x128(down, p2)
+        y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, compute_dtype(x))
+        x_t, x_t_s = quantize_128x1_grouped(x, counts, p2) if keep_for_wgrad else (None, None)
+        ctx.save_for_backward(x_t, x_t_s, h_q, h_s, gate_up, down, counts)
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_t, x_t_s, h_q, h_s, gate_up, down, counts = ctx.saved_tensors
+        kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
+        gate, up = dequantize_1x128(h_q, h_s).chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        a = gate * sig * up  # the SwiGLU output, recomputed
+
+        d_down = None
+        if ctx.needs_input_grad[2]:
+            a_t, a_t_s = quantize_128x1_grouped(a, counts, p2)
+            d_down = _wgrad(kernel, dy, counts, a_t, a_t_s, down, splits, p2)
+        da = _dgrad(kernel, dy, down, splits, p2, torch.float32)
+        d_gate = da * up * sig * (1 + gate * (1 - sig))
+        dh = torch.cat([d_gate, da * gate * sig], dim=-1)
+        d_gate_up = _wgrad(kernel, dh, counts, x_t, x_t_s, gate_up, splits, p2) if ctx.needs_input_grad[1] else None
+        dx = _dgrad(kernel, dh, gate_up, splits, p2, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, d_gate_up, d_down, None, None, None, None
+
+
+def fp8_swiglu_experts(x, gate_up, down, counts, *, kernel: Kernel, power_of_two: bool = False):
+    """down_e(silu(gate_e x) * up_e x) for rows of each expert e, gate_up [E, 2I, H], down [E, H, I]."""
+    keep_for_wgrad = torch.is_grad_enabled() and gate_up.requires_grad
+    return FP8SwiGLUExpertsFunction.apply(x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad)
+
+
+class FP8GroupedExperts(nn.Module):
+    """Drop-in for moetron.model.moe.GroupedExperts (same gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+    parameters, same forward(x_sorted, counts)) running the expert FFN in FP8."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, backend: str = "emulated",
+                 power_of_two_scales: bool = False, device=None, dtype=None):
+        super().__init__()
+        check_kernel_backend(backend)
+        self.backend, self.power_of_two_scales = backend, power_of_two_scales
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device, dtype=dtype))
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, backend: str = "emulated", power_of_two_scales: bool = False):
+        """Wrap a GroupedExperts, sharing its Parameter objects (no copy)."""
+        num, two_i, hidden = experts.gate_up_proj.shape
+        module = cls(num, hidden, two_i // 2, backend=backend, power_of_two_scales=power_of_two_scales,
+                     device="meta")
+        module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
+        return module
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        kernel = gemm_kernel(self.backend, x_sorted.device)
+        return fp8_swiglu_experts(x_sorted, self.gate_up_proj, self.down_proj, counts, kernel=kernel,
+                                  power_of_two=self.power_of_two_scales)
+
+    def extra_repr(self) -> str:
+        num, two_i, hidden = self.gate_up_proj.shape
+        return (f"experts={num}, hidden={hidden}, intermediate={two_i // 2}, backend={self.backend}, "
+                f"power_of_two_scales={self.power_of_two_scales}")
