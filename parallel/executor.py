@@ -12,11 +12,14 @@ micro-batches inside `loss_fn` for a mean). Ranks holding stage 0 need `inputs`,
 last stage need `targets`; a tensor batch is split along dim 0 into the schedule's micro-batches,
 or a sequence of micro-batches is used as given. Gradients accumulate into `.grad`; with DualPipe
 the two copies of each stage are summed before `step` returns, so both copies hold the total
-(they must start the step with equal parameters and zero or None gradients).
+(added to what `.grad` held before the step; the copies must start with equal parameters).
 
 An F&B pair calls `forward_backward(forward_job, backward_job)`: the constructor argument if given,
 else the forward module's `overlapped_forward_backward` static/class method if its class has one,
 else `sequential_forward_backward` (forward, then backward).
+
+Received tensors are allocated on `device` (default: the device of the stages' parameters), so the
+same code runs on CPU with gloo and on GPUs with NCCL.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .actions import FB, Action, Op, Schedule, StageId, actions_of
+from .actions import FB, Action, Op, Schedule, StageId
 from .p2p import Message, StageComm
 from .weight_grad import ChunkBackward, WeightGradStore
 
@@ -92,6 +95,7 @@ class PipelineExecutor:
         *,
         group: dist.ProcessGroup | None = None,
         forward_backward: Callable[[ForwardJob, BackwardJob], tuple] | None = None,
+        device: torch.device | None = None,
     ):
         self.schedule = schedule
         self.group = group
@@ -110,7 +114,7 @@ class PipelineExecutor:
             )
         self._forward_backward = forward_backward
         params = [p for m in self.stages.values() for p in m.parameters()]
-        self.device = params[0].device if params else torch.device("cpu")
+        self.device = device or (params[0].device if params else torch.device("cpu"))
         self.comm = StageComm(schedule, self.rank, group, self.device)
         self.weight_grads = WeightGradStore()
 
@@ -135,13 +139,14 @@ class PipelineExecutor:
     def step(self, inputs=None, targets=None) -> StepResult:
         """Run one training step's forwards and backwards; gradients land in `.grad`."""
         s = self.schedule
-        mine = self.stages
-        self._inputs = self._split("inputs", inputs, any(sid.stage == 0 for sid in mine))
-        self._targets = self._split("targets", targets, any(sid.stage == s.num_stages - 1 for sid in mine))
+        self._inputs = self._split("inputs", inputs, any(sid.stage == 0 for sid in self.stages))
+        self._targets = self._split("targets", targets, any(sid.stage == s.num_stages - 1 for sid in self.stages))
         self._chunks: dict[ChunkKey, _Chunk] = {}
         self._local: dict[Message, torch.Tensor] = {}  # transfers between two stages of this rank
         self._losses: list[torch.Tensor | None] = [None] * s.num_microbatches
         self._peak = 0
+        earlier = self._take_grads() if s.duplicated_stages else {}
+        self.comm.begin_step()
         for step in s.steps[self.rank]:
             if isinstance(step, FB):
                 self._pair(step)
@@ -162,6 +167,9 @@ class PipelineExecutor:
             raise RuntimeError(f"rank {self.rank}: chunks left after the step: {sorted(self._chunks)}")
         if s.duplicated_stages:
             self._sum_copies()
+            for p, g in earlier.items():
+                p.grad = g + p.grad
+        self._inputs = self._targets = None
         return StepResult(self._losses, self._peak)
 
     def _split(self, name: str, batch, needed: bool) -> Sequence[torch.Tensor] | None:
@@ -226,7 +234,7 @@ class PipelineExecutor:
             grad = self._local.pop(msg) if src == self.rank else self.comm.recv(msg, src)
         inputs = [] if chunk.input is None else [chunk.input]
         if chunk.root is not None and grad is None:
-            grad = torch.ones((), dtype=self._losses[a.microbatch].dtype, device=self.device)
+            grad = torch.ones_like(self._losses[a.microbatch])
         chunk.backward = ChunkBackward(chunk.root, grad, inputs) if chunk.root is not None else None
         return BackwardJob(a, self.stages[a.stage_id], chunk.backward or _NoBackward())
 
@@ -266,6 +274,15 @@ class PipelineExecutor:
         self._finish_backward(backward, grads)
 
     # ------------------------------------------------------------------------- DualPipe copies
+    def _take_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Set aside gradients from earlier steps so only this step's copies are summed."""
+        earlier = {}
+        for module in self.stages.values():
+            for p in module.parameters():
+                if p.grad is not None:
+                    earlier[p], p.grad = p.grad, None
+        return earlier
+
     def _sum_copies(self) -> None:
         """Each stage held twice (DualPipe): both copies end with grad(direction 0) + grad(direction 1)."""
         s = self.schedule

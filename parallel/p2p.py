@@ -52,13 +52,20 @@ class StageComm:
 
     def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device):
         self.schedule, self.rank, self.group, self.device = schedule, rank, group, device
+        self._expected = {  # per peer, what it sends this rank in one step, in its order
+            peer: [m for m, dst in outgoing(schedule, peer) if dst == rank]
+            for peer in range(schedule.num_ranks) if peer != rank
+        }
         self._incoming: dict[int, deque[Message]] = {}
-        for peer in range(schedule.num_ranks):
-            if peer != rank:
-                self._incoming[peer] = deque(m for m, dst in outgoing(schedule, peer) if dst == rank)
         self._posted: dict[Message, tuple[list, torch.Tensor]] = {}
         self._in_flight: list[tuple[list, list[torch.Tensor]]] = []
         self._grad_like: dict[Message, tuple[torch.Size, torch.dtype]] = {}
+
+    def begin_step(self) -> None:
+        """Expect every peer's messages of a new step."""
+        self._incoming = {peer: deque(msgs) for peer, msgs in self._expected.items()}
+        self._posted.clear()
+        self._grad_like.clear()
 
     def _peer(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

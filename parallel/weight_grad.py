@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge
 
-Node = object  # torch.autograd.graph.Node; kept loose because C++ nodes have no Python base class
+
+def _num_outputs(node) -> int:
+    """How many forward outputs (backward inputs) a node has."""
+    metadata = getattr(node, "_input_metadata", None)
+    return 1 if metadata is None else len(metadata)
 
 
 def _children(node) -> list:
@@ -124,14 +128,14 @@ class ChunkBackward:
         if not split.has_chain:  # nothing flows to the inputs: all of it is weight work
             self._pending = [([self.root], [self.grad], self._leaf_params())]
             return [None] * len(self.inputs)
-        edges = [GradientEdge(n, k) for n in split.frontier for k in range(len(n._input_metadata))]
+        edges = [GradientEdge(n, k) for n in split.frontier for k in range(_num_outputs(n))]
         grads = torch.autograd.grad(
             [self.root], self.inputs + edges, [self.grad], retain_graph=True, allow_unused=True
         )
         kept = dict(zip(((id(e.node), e.output_nr) for e in edges), grads[len(self.inputs):]))
         for node in split.frontier:
             roots, root_grads = [], []
-            for k in range(len(node._input_metadata)):
+            for k in range(_num_outputs(node)):
                 g = kept[(id(node), k)]
                 if g is not None:
                     roots.append(GradientEdge(node, k))

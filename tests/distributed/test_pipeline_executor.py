@@ -19,9 +19,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moetron.parallel import (
+    FB,
+    Op,
+    PipelineExecutor,
+    StageId,
+    actions_of,
+    build_schedule,
+    peak_activations,
+    sequential_forward_backward,
+)
 from torch import nn
-
-from moetron.parallel import Op, PipelineExecutor, StageId, actions_of, build_schedule, peak_activations
 
 DIM, VOCAB, EXPERTS, MICROBATCH_ROWS = 8, 16, 2, 6
 
@@ -61,13 +69,24 @@ class Block(nn.Module):
         return x + self.down(torch.tanh(self.experts(h)))
 
 
+class Stage(nn.Sequential):
+    """A stage type with its own F&B hook (as the overlap work will add); it counts its calls."""
+
+    pairs = 0
+
+    @staticmethod
+    def overlapped_forward_backward(forward, backward):
+        forward.module.pairs += 1  # an instance attribute from here on
+        return sequential_forward_backward(forward, backward)
+
+
 def build_stage(stage: int, num_stages: int) -> nn.Module:
     torch.manual_seed(1000 + stage)
     layers: list[nn.Module] = [nn.Embedding(VOCAB, DIM)] if stage == 0 else []
     layers.append(Block())
     if stage == num_stages - 1:
         layers.append(nn.Linear(DIM, 3))
-    return nn.Sequential(*layers)
+    return Stage(*layers)
 
 
 def make_loss(num_microbatches: int):
@@ -90,8 +109,9 @@ def grad_order(schedule, sid: StageId) -> list[int]:
             if a.stage_id == sid and a.op in (Op.BW, Op.W)]
 
 
-def reference(schedule, inputs, targets):
-    """Single process: per-micro-batch losses and, per stage, the summed gradients."""
+def reference(schedule, inputs, targets, steps):
+    """Single process: per-micro-batch losses and, per stage, the summed gradients after `steps`
+    identical steps (a step's gradients add onto the earlier ones)."""
     stages = [build_stage(s, schedule.num_stages) for s in range(schedule.num_stages)]
     loss_fn = make_loss(schedule.num_microbatches)
     xs = torch.tensor_split(inputs, schedule.num_microbatches)
@@ -104,29 +124,42 @@ def reference(schedule, inputs, targets):
         losses.append(loss.detach())
         params = [p for stage in stages for p in stage.parameters()]
         per_mb.append(dict(zip(map(id, params), torch.autograd.grad(loss, params))))
+
+    def add(acc, g):
+        return g if acc is None else [a + b for a, b in zip(acc, g)]
+
     grads = {}
     for s, stage in enumerate(stages):
         copies = sorted(sid for sid in schedule.placement if sid.stage == s)
+        mb_grads = {m: [per_mb[m][id(p)] for p in stage.parameters()] for m in range(len(xs))}
         total = None
-        for sid in copies:  # direction 0 first, as the executor adds them
-            acc = None
-            for m in grad_order(schedule, sid):
-                g = [per_mb[m][id(p)] for p in stage.parameters()]
-                acc = g if acc is None else [a + b for a, b in zip(acc, g)]
-            total = acc if total is None else [a + b for a, b in zip(total, acc)]
+        if len(copies) == 1:  # one copy: every W adds onto .grad, step after step
+            for _ in range(steps):
+                for m in grad_order(schedule, copies[0]):
+                    total = add(total, mb_grads[m])
+        else:  # DualPipe: per step, direction 0 + direction 1, then onto the earlier steps
+            for _ in range(steps):
+                step_total = None
+                for sid in copies:
+                    copy = None
+                    for m in grad_order(schedule, sid):
+                        copy = add(copy, mb_grads[m])
+                    step_total = add(step_total, copy)
+                total = step_total if total is None else add(total, step_total)
         grads[s] = total
     return losses, grads
 
 
-def run_case(name: str, chunks: int) -> None:
+def run_case(name: str, chunks: int, steps: int = 1) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     schedule = build_schedule(name, world, chunks)
     stages = {sid: build_stage(sid.stage, schedule.num_stages) for sid in schedule.stages_of(rank)}
     inputs, targets = make_batch(chunks)
     executor = PipelineExecutor(schedule, stages, make_loss(chunks))
-    result = executor.step(inputs, targets)
-    ref_losses, ref_grads = reference(schedule, inputs, targets)
-    where = f"{name} with {world} ranks, {chunks} micro-batches, rank {rank}"
+    for _ in range(steps):  # a second step adds its gradients onto the first's
+        result = executor.step(inputs, targets)
+    ref_losses, ref_grads = reference(schedule, inputs, targets, steps)
+    where = f"{name} with {world} ranks, {chunks} micro-batches, {steps} step(s), rank {rank}"
     for m, loss in enumerate(result.losses):
         last = schedule.rank_of(schedule.num_stages - 1, schedule.directions[m]) == rank
         assert (loss is not None) == last, f"{where}: loss of micro-batch {m} on the wrong rank"
@@ -138,6 +171,9 @@ def run_case(name: str, chunks: int) -> None:
             assert torch.equal(p.grad, ref), (
                 f"{where}: stage {tuple(sid)} {pname} gradient differs by {(p.grad - ref).abs().max()}"
             )
+    for sid, module in stages.items():
+        pairs = sum(isinstance(st, FB) and st.forward.stage_id == sid for st in schedule.steps[rank])
+        assert module.pairs == pairs * steps, f"{where}: F&B hook ran {module.pairs} times, not {pairs * steps}"
     expected_peak = peak_activations(schedule.steps[rank])
     assert result.peak_live_chunks == expected_peak, f"{where}: peak {result.peak_live_chunks} != {expected_peak}"
     if rank == 0:
@@ -145,19 +181,19 @@ def run_case(name: str, chunks: int) -> None:
         assert result.peak_live_chunks == table[name], f"{where}: peak {result.peak_live_chunks} != table"
 
 
-def worker(rank: int, world: int, port: int, cases: list[tuple[str, int]]) -> None:
+def worker(rank: int, world: int, port: int, cases: list[tuple]) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for name, chunks in cases:
-            run_case(name, chunks)
+        for case in cases:
+            run_case(*case)
             dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world: int, cases: list[tuple[str, int]], timeout: float = 60.0) -> None:
+def spawn(world: int, cases: list[tuple], timeout: float = 60.0) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -173,7 +209,7 @@ def spawn(world: int, cases: list[tuple[str, int]], timeout: float = 60.0) -> No
 
 
 def test_two_ranks_every_schedule():
-    spawn(2, [("1f1b", 4), ("zb1p", 5), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4), ("dualpipev", 5)])
+    spawn(2, [("1f1b", 4), ("zb1p", 5), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4), ("dualpipev", 5, 2)])
 
 
 def test_three_ranks_dualpipev_and_linear():
@@ -181,4 +217,4 @@ def test_three_ranks_dualpipev_and_linear():
 
 
 def test_four_ranks_every_schedule():
-    spawn(4, [("1f1b", 8), ("zb1p", 8), ("dualpipe", 8), ("dualpipe", 10), ("dualpipev", 8)])
+    spawn(4, [("1f1b", 8, 2), ("zb1p", 8), ("dualpipe", 8, 2), ("dualpipe", 10), ("dualpipev", 8)])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import small_model_config
 
-from moetron.config import ConfigError, DataConfig, MoetronConfig, RunConfig, TrainConfig
+from moetron.config import ConfigError, DataConfig, MonitorConfig, MoetronConfig, RunConfig, TrainConfig
 from moetron.train.trainer import Trainer
 
 
@@ -27,6 +27,7 @@ def make_config(corpus, run_dir, steps, **run_overrides) -> MoetronConfig:
         train=train,
         data=DataConfig(train_files=[corpus["train"]], val_files=[corpus["val"]]),
         run=RunConfig(dir=str(run_dir), progress=False, log_every=1, **run_overrides),
+        monitor=MonitorConfig(wandb=False, report=False),
     )
     return config.validate()
 
@@ -104,7 +105,7 @@ def run_cli(*args, cwd):
 
 def test_cli_trains_resumes_and_reports_bad_values(corpus, tmp_path):
     data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
-    small = ["train.steps=4", "train.seq_len=32", "train.eval_every=2", "run.progress=false"]
+    small = ["train.steps=4", "train.seq_len=32", "train.eval_every=2", "run.progress=false", "monitor.wandb=false"]
     run_dir = tmp_path / "run"
     first = run_cli(f"run.dir={run_dir}", *data, *small, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -123,7 +124,7 @@ def test_cli_trains_resumes_and_reports_bad_values(corpus, tmp_path):
 def test_cli_resumes_after_a_kill_mid_run(corpus, tmp_path):
     """A run killed between checkpoints resumes from the last one and ends with the same weights."""
     data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
-    common = ["train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=3"]
+    common = ["train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=3", "monitor.wandb=false"]
     straight = run_cli(f"run.dir={tmp_path / 'a'}", *data, *common, "train.steps=6", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     shutil.copytree(tmp_path / "a", tmp_path / "b")

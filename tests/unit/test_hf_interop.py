@@ -20,7 +20,7 @@ from moetron.config import ConfigError, MoetronConfig  # noqa: E402
 from moetron.config.hydra import to_yaml  # noqa: E402
 from moetron.hf import export_checkpoint, import_checkpoint, model_config  # noqa: E402
 from moetron.hf.__main__ import main as cli  # noqa: E402
-from moetron.hf.convert import load_run_config, model_from_state, read_checkpoint  # noqa: E402
+from moetron.hf.convert import load_run_config, read_checkpoint  # noqa: E402
 from moetron.model import DeepSeekV3  # noqa: E402
 from moetron.model.mtp import shift_left  # noqa: E402
 
@@ -358,6 +358,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
 
     for argv in (["import", str(tmp_path / "nowhere"), str(tmp_path / "r9")],
                  ["export", str(tmp_path / "ok"), str(tmp_path / "out")]):
+        capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
             cli(argv)
         assert exit_info.value.code == 2
@@ -365,3 +366,37 @@ def test_errors_name_the_problem(tmp_path, capsys):
         assert err.startswith("moetron: error: ") and "Traceback" not in err
     assert cli(["export", str(tmp_path / "ok"), str(tmp_path / "out"), "--overwrite", "--dtype", "fp32"]) == 0
     assert "continue training with" not in capsys.readouterr().out
+
+
+def test_imported_run_resumes_in_the_trainer(tmp_path):
+    """The printed continuation (`--config-dir DST/conf model=NAME run.dir=DST OVERRIDES`) resumes from step 0."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from moetron.config.hydra import register_schema, to_config
+    from moetron.train.trainer import Trainer
+
+    hf = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**{**BASE, "vocab_size": 264}))
+    hf.save_pretrained(tmp_path / "hf")
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 4}) + "\n"
+                              for i in range(40)))
+    overrides = [f"data.train_files=[{corpus}]", f"data.val_files=[{corpus}]", "train.seq_len=32",
+                 "train.micro_batch_size=2", "train.global_batch_size=2", "train.batch_ramp_start=2"]
+    dst = tmp_path / "run"
+    report = import_checkpoint(tmp_path / "hf", dst, overrides=overrides, name="from_hf")
+    assert f"--config-dir {dst / 'conf'} model=from_hf run.dir={dst}" in report.next_command
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="moetron.hydra_conf", version_base=None):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{dst / 'conf'}]", "model=from_hf",
+                                           f"run.dir={dst}", *overrides, "train.steps=1", "train.eval_every=0",
+                                           "run.progress=false"])
+    GlobalHydra.instance().clear()
+    trainer = Trainer(to_config(cfg))
+    trainer.fit()
+    events = [json.loads(line) for line in (dst / "events.jsonl").read_text().splitlines()]
+    resume = next(e for e in events if e["event"] == "resume")
+    assert resume["step"] == 0 and resume["checkpoint"].endswith("step_00000000")
+    assert (dst / "checkpoints" / "step_00000001").is_dir()

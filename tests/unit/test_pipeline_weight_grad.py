@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moetron.parallel import ChunkBackward, WeightGradStore
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
-
-from moetron.parallel import ChunkBackward, WeightGradStore
 
 
 class Grouped(nn.Module):

@@ -17,7 +17,6 @@ at PP=8 (formula 18). The 1F1B and ZB1P rows are exact for both cost sets on eve
 from __future__ import annotations
 
 import pytest
-
 from moetron.parallel import Costs, ScheduleError, build_schedule, simulate
 from moetron.parallel.simulate import main as simulate_main
 

@@ -42,8 +42,9 @@ class CheckpointStore:
         return sorted(found, key=lambda p: p.name)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             train_state: dict) -> Path:
-        """Publish a checkpoint of the model (and the optimizer, unless None: e.g. an imported model)."""
+             train_state: dict, before_publish=None) -> Path:
+        """Publish a checkpoint of the model (and the optimizer, unless None: e.g. an imported model).
+        `before_publish` runs when everything is written but not yet renamed (fault drills use it)."""
         final = self.path(step)
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -57,11 +58,20 @@ class CheckpointStore:
             json.dump({**train_state, "has_optimizer": optimizer is not None}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish()
         if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)  # the atomic publish
         self._prune()
         return final
+
+    def remove_stale(self) -> list[Path]:
+        """Delete the temporary directories of saves that were interrupted (never published)."""
+        stale = list(self.root.glob(".step_*.tmp-*")) if self.root.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep]:
@@ -91,6 +101,7 @@ class CheckpointStore:
                 train_state = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
+        verify_shards(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if not train_state.get("has_optimizer", True):  # a model-only checkpoint (e.g. imported weights)
@@ -107,3 +118,21 @@ class CheckpointStore:
         else:
             model.load_state_dict(state["model"])
         return train_state
+
+
+def verify_shards(path: Path) -> None:
+    """Check that every byte range DCP's metadata points at exists, so a truncated or missing shard is
+    reported by file name before anything is loaded."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise ConfigError(f"Checkpoint file {path / '.metadata'} is missing or corrupt ({type(err).__name__}).") from err
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        actual = shard.stat().st_size if shard.exists() else None
+        if actual is None or actual < size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise ConfigError(f"Checkpoint file {shard} is truncated or missing: {found}, expected at least {size} bytes.")

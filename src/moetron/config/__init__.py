@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from moetron.config.errors import ConfigError, invalid
 from moetron.config.model import ModelConfig, RopeScaling
+from moetron.config.monitor import FaultConfig, MonitorConfig, SpikeConfig, validate_monitor
 from moetron.config.train import (
     DataConfig,
     OptimConfig,
@@ -21,12 +22,14 @@ class MoetronConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> "MoetronConfig":
         self.model.validate()
         validate_train(self.train)
         validate_data(self.data)
         validate_run(self.run)
+        validate_monitor(self.monitor)
         max_len = self.model.max_position_embeddings
         if self.train.seq_len > max_len:
             raise invalid("train.seq_len", self.train.seq_len,
@@ -35,6 +38,6 @@ class MoetronConfig:
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "MoetronConfig", "OptimConfig", "RopeScaling",
-    "RunConfig", "TrainConfig", "invalid",
+    "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "MonitorConfig", "MoetronConfig", "OptimConfig",
+    "RopeScaling", "RunConfig", "SpikeConfig", "TrainConfig", "invalid",
 ]

@@ -20,7 +20,8 @@ from moetron.fp8.gemm import fp8_gemm, row_scales
 from moetron.fp8.quant import TILE, dequantize_1x128, fp8_to_uint8, to_fp8, uint8_to_fp8
 
 BACKENDS = ("emulated", "torch", "te")
-VALID = "'emulated' (any device, exact FP8 numerics with FP32 math), 'torch' (CUDA GPU with FP8 tensor cores) or 'te' (Transformer Engine installed, Hopper or newer)"
+VALID = ("'emulated' (any device, exact FP8 numerics with FP32 math), 'torch' (CUDA GPU with FP8 tensor "
+         "cores) or 'te' (Transformer Engine installed, Hopper or newer)")
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -30,7 +31,11 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise invalid("fp8.backend", backend, VALID)
     if backend == "torch":
-        _check_torch_gpu(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if not torch.cuda.is_available():
+            raise invalid("fp8.backend", backend, VALID,
+                          "The 'torch' backend runs torch's FP8 CUDA kernels and no CUDA GPU is visible here."
+                          " Use 'emulated' on CPU.")
+        _check_torch_gpu(torch.device("cuda"))
     elif backend == "te":
         import_te()
 
@@ -58,8 +63,8 @@ def gemm_kernel(backend: str, device: torch.device) -> Kernel:
 def _check_torch_gpu(device: torch.device) -> None:
     if device.type != "cuda":
         raise invalid("fp8.backend", "torch", VALID,
-                      f"The 'torch' backend runs torch's FP8 CUDA kernels, but the tensors are on '{device}'"
-                      " (no CUDA GPU here). Use 'emulated' on CPU.")
+                      f"The 'torch' backend runs torch's FP8 CUDA kernels, but the model's tensors are on "
+                      f"'{device}'. Move the model to a CUDA device, or use 'emulated'.")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise invalid("fp8.backend", "torch", VALID,
@@ -111,7 +116,7 @@ def torch_rowwise_gemm(a, a_scales, b, b_scales, *, b_block=False, out_dtype=tor
     scale_a = a_hp.abs().amax(1, keepdim=True).clamp(min=1e-4) / 448.0
     scale_b = b_hp.abs().amax(1, keepdim=True).clamp(min=1e-4) / 448.0
     out = torch._scaled_mm(to_fp8(a_hp / scale_a), to_fp8(b_hp / scale_b).t(), scale_a=scale_a,
-                           scale_b=scale_b.t(), out_dtype=torch.bfloat16)
+                           scale_b=scale_b.t().contiguous(), out_dtype=torch.bfloat16)
     return out[:m, :n].to(out_dtype)
 
 
@@ -162,7 +167,8 @@ class TELinear(nn.Module):
                 inner.bias.copy_(linear.bias)
         # The same Parameter objects are registered here under nn.Linear's names; te.Linear stays an
         # unregistered helper, so state_dict keys are unchanged (no `_extra_state` entries either).
-        self.weight, self.bias = inner.weight, inner.bias
+        self.weight = inner.weight
+        self.bias = inner.bias if linear.bias is not None else None
         self._inner = [inner]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,16 +40,17 @@ def fp8_gemm(
                          f"(b_block={b_block})")
     with torch.autocast(a.device.type, enabled=False):  # the math is FP32 whatever autocast says
         a32, b32 = a.float(), b.float()
-        out = a32.new_zeros(m, n)
+        a_scales, b_rows = a_scales.float(), b_rows.float()
+        out = None
         for chunk in range(kb):  # promotion every 128 of K
             cols = slice(chunk * TILE, (chunk + 1) * TILE)
-            partial = a32[:, cols] @ b32[:, cols].T
-            out += partial.mul_(a_scales[:, chunk, None].float()).mul_(b_rows[:, chunk].float())
-    return out.to(out_dtype)
+            partial = (a32[:, cols] @ b32[:, cols].T).mul_(a_scales[:, chunk, None]).mul_(b_rows[:, chunk])
+            out = partial if out is None else out.add_(partial)
+    return out.to(out_dtype) if out is not None else a32.new_zeros(m, n, dtype=out_dtype)
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """1 - 2 sum(xy) / sum(x^2 + y^2): 0 for equal tensors, ~ |x - y|^2 / (2 |x|^2) for close ones."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denominator = (x * x + y * y).sum()
     return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0

@@ -1,14 +1,16 @@
 """The single-process trainer: the DeepSeek-V3 recipe of SPEC §2 on one device.
 
 One step: a batch of sequences (ramped size) split into micro-batches; forward/backward with gradient
-accumulation in FP32; clip at global norm 1.0; AdamW (FP32 masters, BF16 moments) at the scheduled LR;
-then the aux-loss-free bias update from the step's expert loads. Checkpoints resume bitwise exactly.
+accumulation in FP32; clip at global norm 1.0; the step is judged (NaN/Inf, loss and grad-norm spikes);
+then AdamW (FP32 masters, BF16 moments) at the scheduled LR and the aux-loss-free bias update from the
+step's expert loads -- or, for a bad step, a skipped update or a rollback. Checkpoints resume bitwise exactly.
 """
 
 import contextlib
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from moetron.config import ConfigError, MoetronConfig
 from moetron.config.hydra import to_yaml
 from moetron.data import build_data
 from moetron.model import DeepSeekV3, max_violation
+from moetron.model.flops import training_flops_per_token
+from moetron.monitor import FaultInjector, SpikeDetector, Verdict
 from moetron.train import schedules
 from moetron.train.logs import EventLog, JsonLines
 from moetron.train.optim import MasterAdamW
@@ -27,15 +31,17 @@ from moetron.train.optim import MasterAdamW
 
 @dataclass
 class TrainState:
-    """Everything besides model and optimizer that a resumed run needs: the counters the schedules and
-    the data order are functions of."""
+    """Everything besides model and optimizer that a resumed run needs. `tokens` counts trained tokens
+    (the schedules' clock); `sequences` is the data cursor, which a rollback moves past skipped batches."""
 
     step: int = 0
     tokens: int = 0
     sequences: int = 0
+    rollbacks: int = 0
 
-    def as_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "sequences": self.sequences}
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(**{name: saved.get(name, 0) for name in cls.__dataclass_fields__})
 
 
 class Trainer:
@@ -55,7 +61,14 @@ class Trainer:
         self.optimizer = MasterAdamW(self.model.named_parameters(), config.train.optim)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints)
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
+        self.expert_loads = JsonLines(self.run_dir / "expert_load.jsonl")
         self.events = EventLog(self.run_dir / "events.jsonl")
+        self.detector = SpikeDetector(config.monitor.spike)
+        fired = {(e["step"], e["kind"]) for e in self.events.read() if e["event"] == "fault"}
+        self.faults = FaultInjector(config.monitor.faults, fired,
+                                    on_fire=lambda step, kind: self.events.event("fault", step, kind=kind))
+        self.flops_per_token = training_flops_per_token(config.model, config.train.seq_len)
+        self.sink = None
         self.state = TrainState()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -67,31 +80,41 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_model()
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        for stale in self.checkpoints.remove_stale():
+            self.events.event("checkpoint_discarded", self.state.step, path=str(stale), reason="never published")
         loaded = self.checkpoints.load_latest(self.model, self.optimizer)
         if loaded is None:
-            self.metrics.truncate_after(0)
-            self.events.event("start", 0, params=sum(p.numel() for p in self.model.parameters()))
-            return
-        self.state = TrainState(**{k: loaded.train_state.get(k, 0) for k in ('step', 'tokens', 'sequences')})
-        for reason in loaded.skipped:
-            self.events.event("checkpoint_skipped", self.state.step, reason=reason)
-        self.metrics.truncate_after(self.state.step)  # steps logged after the checkpoint will be redone
-        self.events.event("resume", self.state.step, checkpoint=str(loaded.path))
+            self._truncate_logs(0)
+            self.events.event("start", 0, pid=os.getpid(), params=sum(p.numel() for p in self.model.parameters()))
+        else:
+            self.state = TrainState.from_dict(loaded.train_state)
+            for reason in loaded.skipped:
+                self.events.event("checkpoint_skipped", self.state.step, reason=reason)
+            self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
+            self.events.event("resume", self.state.step, pid=os.getpid(), checkpoint=str(loaded.path),
+                              restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        if self.cfg.monitor.wandb and self.cfg.monitor.wandb_mode != "disabled":
+            from moetron.monitor.wandb_sink import WandbSink
+
+            self.sink = WandbSink(self.cfg.monitor, self.run_dir, OmegaConf.to_container(OmegaConf.structured(self.cfg)))
+
+    def _truncate_logs(self, step: int) -> None:
+        self.metrics.truncate_after(step)
+        self.expert_loads.truncate_after(step)
 
     def _check_same_model(self) -> None:
         """Resuming with another model shape would fail deep inside the loader: say which field changed."""
         saved = self.run_dir / "config.yaml"
         if not saved.exists() or not self.checkpoints.complete():
             return
-        old = OmegaConf.load(saved)
+        old, new = OmegaConf.load(saved), OmegaConf.structured(self.cfg)
         for name in ("model", "train.seq_len", "data.tokenizer"):
-            before, now = OmegaConf.select(old, name), OmegaConf.select(OmegaConf.structured(self.cfg), name)
+            before, now = OmegaConf.select(old, name), OmegaConf.select(new, name)
             if before != now:
+                show = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (before, now)]
                 raise ConfigError(
                     f"Invalid value for `{name}` when resuming {self.run_dir}: the checkpoints were made with "
-                    f"{OmegaConf.to_container(before) if OmegaConf.is_config(before) else before!r}, this run asks for "
-                    f"{OmegaConf.to_container(now) if OmegaConf.is_config(now) else now!r}. Valid: the same value, "
-                    "or a new run.dir."
+                    f"{show[0]!r}, this run asks for {show[1]!r}. Valid: the same value, or a new run.dir."
                 )
 
     # ------------------------------------------------------------------------------------------ steps
@@ -100,61 +123,109 @@ class Trainer:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict:
-        train, state = self.cfg.train, self.state
-        batch_size = schedules.batch_size(train, state.tokens)
-        micro_batches = batch_size // train.micro_batch_size
-        mtp_lambda = schedules.mtp_lambda(train, state.tokens)
-        batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
-
-        self.model.train()
-        moe_layers = self.model.moe_layers()
-        for moe in moe_layers:
-            moe.aux_loss_scale = 1.0 / micro_batches  # the step's loss is the mean over micro-batches
+    def accumulate_gradients(self, batch: torch.Tensor, mtp_lambda: float, loss_factor: float) -> dict:
+        """Forward + backward over the micro-batches; the step's loss is their mean."""
+        micro_batches = batch.shape[0] // self.cfg.train.micro_batch_size
+        for moe in self.model.moe_layers():
+            moe.aux_loss_scale = 1.0 / micro_batches
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
-        for micro in batch.split(train.micro_batch_size):
+        self.model.train()
+        for micro in batch.split(self.cfg.train.micro_batch_size):
             with self.autocast():
                 out = self.model(micro[:, :-1], micro[:, 1:], mtp_lambda=mtp_lambda)
-            (out.loss / micro_batches).backward()
-            sums["loss"] += out.loss.item() / micro_batches
+            loss = out.loss * loss_factor if loss_factor != 1.0 else out.loss
+            (loss / micro_batches).backward()
+            sums["loss"] += loss.item() / micro_batches
             sums["lm_loss"] += out.lm_loss.item() / micro_batches
             sums["mtp_loss"] += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / micro_batches
+        return sums
+
+    def train_step(self) -> dict:
+        train, state = self.cfg.train, self.state
+        step = state.step + 1
+        self.faults.crash(step)
+        batch_size = schedules.batch_size(train, state.tokens)
+        mtp_lambda = schedules.mtp_lambda(train, state.tokens)
+        batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
+        batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
+        sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
 
         clip = train.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        moe_layers = self.model.moe_layers()
+        micro_batches = batch_size // train.micro_batch_size
+        bal_loss = sum(moe.balance_loss_sum.item() for moe in moe_layers) / micro_batches
+        loads = [moe.tokens_per_expert.clone() for moe in moe_layers]
+        loss = sums["loss"] + bal_loss
+        action = self.decide(step, self.detector.judge(step, loss, grad_norm), loss, grad_norm)
+
         lr = schedules.learning_rate(train.optim, state.step, state.tokens)
-        self.optimizer.set_lr(lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        # Aux-loss-free balancing after the optimizer step, from the loads of the whole step.
         gamma = schedules.bias_update_rate(train, state.tokens)
-        max_vios, bal_loss = [], 0.0
+        if action == "apply":
+            self.optimizer.set_lr(lr)
+            self.optimizer.step()
+            for moe, load in zip(moe_layers, loads):  # aux-loss-free balancing, after the optimizer step
+                moe.update_bias(load, gamma)
+            state.tokens += batch_size * train.seq_len
+        self.optimizer.zero_grad(set_to_none=True)
         for moe in moe_layers:
-            load = moe.tokens_per_expert.clone()
-            max_vios.append(max_violation(load))
-            bal_loss += moe.balance_loss_sum.item() / micro_batches
-            moe.update_bias(load, gamma)
             moe.reset_stats()
-
-        state.step += 1
+        state.step = step
         state.sequences += batch_size
-        state.tokens += batch_size * train.seq_len
-        return {
-            "step": state.step,
-            "loss": sums["loss"] + bal_loss,
-            "lm_loss": sums["lm_loss"],
-            "mtp_loss": sums["mtp_loss"],
-            "bal_loss": bal_loss,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "batch_size": batch_size,
-            "tokens": state.tokens,
-            "mtp_lambda": mtp_lambda,
-            "bias_update_rate": gamma,
-            "max_vio": sum(max_vios) / max(len(max_vios), 1),
-            "max_vio_layers": [round(v, 4) for v in max_vios],
+        biases = torch.cat([moe.gate.e_score_correction_bias for moe in moe_layers]) if moe_layers else None
+        record = {
+            "step": step, "loss": loss, "lm_loss": sums["lm_loss"], "mtp_loss": sums["mtp_loss"],
+            "bal_loss": bal_loss, "grad_norm": grad_norm, "lr": lr, "batch_size": batch_size,
+            "tokens": state.tokens, "mtp_lambda": mtp_lambda, "bias_update_rate": gamma,
+            "max_vio": sum(map(max_violation, loads)) / max(len(loads), 1),
+            "max_vio_layers": [round(max_violation(load), 4) for load in loads],
+            "bias_absmax": biases.abs().max().item() if biases is not None else 0.0,
+            "bias_std": biases.std().item() if biases is not None and biases.numel() > 1 else 0.0,
+            "action": action,
         }
+        if action == "rollback":
+            self.rollback(step, batch_size)
+        return record | {"_loads": loads}
+
+    def decide(self, step: int, verdict: Verdict, loss: float, grad_norm: float) -> str:
+        """apply | skip | rollback, from the verdict and the spike policy; every non-apply is an event."""
+        if verdict.ok:
+            return "apply"
+        spike = self.cfg.monitor.spike
+        if verdict.kind == "nonfinite":
+            action = "skip"  # a NaN/Inf update can never be applied
+        elif spike.policy == "warn":
+            action = "apply"
+        elif spike.policy == "rollback" and self.state.rollbacks < spike.max_rollbacks and self._before(step):
+            action = "rollback"
+        else:
+            action = "skip"
+        self.events.event(verdict.kind, step, loss=_finite_or_str(loss), grad_norm=_finite_or_str(grad_norm),
+                          detail=verdict.detail, action=action)
+        if self.sink is not None:
+            self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
+        return action
+
+    def _before(self, step: int) -> Path | None:
+        """The newest complete checkpoint taken before `step`."""
+        earlier = [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
+        return earlier[-1] if earlier else None
+
+    def rollback(self, spike_step: int, batch_size: int) -> None:
+        """PaLM-style: restore the newest checkpoint before the spike, move the data cursor past the spike
+        plus `rollback_skip_batches` batches, and save at once so a crash cannot replay the bad window."""
+        target = self._before(spike_step)
+        cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
+        rollbacks = self.state.rollbacks + 1
+        restored = TrainState.from_dict(self.checkpoints.load(target, self.model, self.optimizer))
+        self.state = TrainState(restored.step, restored.tokens, cursor, rollbacks)
+        self.detector.forget_after(restored.step)
+        self._truncate_logs(restored.step)
+        self.events.event("rollback", spike_step, to_step=restored.step, checkpoint=str(target),
+                          skipped_sequences=cursor - restored.sequences, data_cursor=cursor)
+        if self.sink is not None:
+            self.sink.log_event("rollback", spike_step, f"restored {target}, data cursor {cursor}")
+        self.save()
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -172,8 +243,10 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.state.step, self.model, self.optimizer, self.state.as_dict())
-        self.events.event("checkpoint", self.state.step, path=str(path))
+        step = self.state.step
+        path = self.checkpoints.save(step, self.model, self.optimizer, asdict(self.state),
+                                     before_publish=self.faults.checkpoint_hook(step))
+        self.events.event("checkpoint", step, path=str(path))
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict | None:
@@ -189,27 +262,66 @@ class Trainer:
         while self.state.step < total:
             step_start = time.perf_counter()
             record = self.train_step()
+            loads = record.pop("_loads")
+            if record["action"] == "rollback":
+                bar.n = self.state.step
+                bar.refresh()
+                continue
             step_time = time.perf_counter() - step_start
             window_tokens += record["batch_size"] * cfg.train.seq_len
             step = self.state.step
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
                 record["val_loss"] = self.validate()
             if step == 1 or step % cfg.run.log_every == 0 or step == total or "val_loss" in record:
-                elapsed = time.perf_counter() - window_start
-                record["tokens_per_s"] = window_tokens / elapsed
-                record["step_time"] = step_time
-                self.metrics.write({k: _round(v) for k, v in record.items()})
+                self.log(record, window_tokens / (time.perf_counter() - window_start), step_time)
                 window_tokens, window_start = 0, time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % cfg.monitor.expert_load_every == 0 or step == total:
+                self.log_expert_load(step, loads)
             if step % self.save_every() == 0 or step == total:
                 self.save()
             bar.update(1)
         bar.close()
         self.events.event("finish", self.state.step)
+        self.finish()
         return record
+
+    def log(self, record: dict, tokens_per_s: float, step_time: float) -> None:
+        record["tokens_per_s"] = tokens_per_s
+        record["step_time"] = step_time
+        if self.cfg.monitor.peak_tflops > 0:
+            record["mfu"] = tokens_per_s * self.flops_per_token / (self.cfg.monitor.peak_tflops * 1e12)
+        self.metrics.write({k: _round(v) for k, v in record.items()})
+        if self.sink is not None:
+            self.sink.log(record)
+
+    def log_expert_load(self, step: int, loads: list[torch.Tensor]) -> None:
+        """Per MoE layer, each expert's load divided by the mean load (1.0 = perfectly balanced)."""
+        if not loads:
+            return
+        relative = [(load / load.float().mean().clamp(min=1e-9)).tolist() for load in loads]
+        self.expert_loads.write({"step": step, "load": [[round(x, 3) for x in row] for row in relative]})
+        if self.sink is not None:
+            from moetron.report import load_heatmap_figure
+
+            figure = load_heatmap_figure(relative, f"expert load / mean, step {step}")
+            self.sink.log_expert_load(step, figure)
+            figure.clf()
+
+    def finish(self) -> None:
+        if self.cfg.monitor.report:
+            from moetron.report import draw_report
+
+            draw_report(self.run_dir, self.run_dir / "report.png")
+        if self.sink is not None:
+            self.sink.finish()
 
 
 def _round(value):
     if isinstance(value, float):
         return value if not math.isfinite(value) else float(f"{value:.6g}")
     return value
+
+
+def _finite_or_str(value: float):
+    return value if math.isfinite(value) else str(value)

@@ -1,0 +1,77 @@
+"""The process mesh's arithmetic: groups partition the world, EP is carved from DP, nodes and rails are
+right, and invalid layouts fail with a message naming the field, the value and what is valid."""
+
+import pytest
+
+from moetron.comm.layout import EPGroup, local_size_of, node_slices
+from moetron.config.errors import ConfigError
+from moetron.parallel.mesh import KINDS, MeshLayout
+
+
+def partitions_world(groups, world):
+    flat = sorted(r for g in groups for r in g)
+    return flat == list(range(world))
+
+
+@pytest.mark.parametrize("world,rpn,pp,ep,tp", [
+    (4, 2, 1, 4, 1), (8, 2, 2, 2, 1), (16, 8, 2, 8, 1), (16, 4, 1, 4, 2), (8, 4, 1, 2, 1), (1, 1, 1, 1, 1),
+    (2048, 8, 16, 64, 1),
+])
+def test_groups_partition_the_world(world, rpn, pp, ep, tp):
+    lay = MeshLayout(world, rpn, pp=pp, ep=ep, tp=tp)
+    sizes = dict(pp=pp, dp=lay.dp, tp=tp, ep=ep, edp=lay.edp, node=rpn, rail=lay.num_nodes)
+    for kind in KINDS:
+        groups = getattr(lay, f"{kind}_groups")()
+        assert partitions_world(groups, world), kind
+        assert {len(g) for g in groups} == {sizes[kind]}, kind
+    for rank in range(0, world, max(1, world // 64)):
+        c = lay.coords(rank)
+        assert lay.rank_of(c["pp"], c["dp"], c["tp"]) == rank
+        assert set(lay.group_of("ep", rank)) <= set(lay.group_of("dp", rank))  # EP carved from DP
+        assert set(lay.group_of("edp", rank)) <= set(lay.group_of("dp", rank))
+        # an EP group and an expert-data-parallel group meet in exactly this rank
+        assert set(lay.group_of("ep", rank)) & set(lay.group_of("edp", rank)) == {rank}
+        assert all(r // rpn == c["node"] for r in lay.group_of("node", rank))
+        assert all(r % rpn == c["local"] for r in lay.group_of("rail", rank))
+        assert len({r // rpn for r in lay.group_of("rail", rank)}) == lay.num_nodes
+
+
+def test_v3_production_layout():
+    """SPEC §3: 2048 ranks, 8 per node, PP 16, EP 64 over 8 nodes, DP (ZeRO-1) over the rest."""
+    lay = MeshLayout(2048, 8, pp=16, ep=64)
+    assert (lay.dp, lay.edp, lay.num_nodes) == (128, 2, 256)
+    ep = lay.group_of("ep", 5)
+    assert len(node_slices(ep, 8)) == 8 and local_size_of(ep, 8) == 8
+    assert lay.group_of("pp", 0) == [128 * s for s in range(16)]
+
+
+def test_ep_group_view():
+    g = EPGroup(ranks=tuple(range(8)), rank=5, local_size=2)
+    assert (g.size, g.num_nodes, g.node, g.local) == (8, 4, 2, 1)
+    assert g.rail_ranks() == [1, 3, 5, 7] and g.intra_ranks() == [4, 5]
+    assert g.experts_per_rank(16) == 2
+    with pytest.raises(ConfigError, match="n_routed_experts"):
+        g.experts_per_rank(12)
+
+
+@pytest.mark.parametrize("kwargs,field,hint", [
+    (dict(world_size=6, ranks_per_node=4), "parallel.ranks_per_node", "divisor of the world size 6"),
+    (dict(world_size=8, ranks_per_node=2, pp=3), "parallel.pp", "dividing the world size 8"),
+    (dict(world_size=8, ranks_per_node=2, pp=2, ep=3), "parallel.ep", "dp = world 8"),
+    (dict(world_size=12, ranks_per_node=4, ep=6), "parallel.ep", "unevenly"),
+    (dict(world_size=8, ranks_per_node=2, ep=0), "parallel.ep", "positive integer"),
+    (dict(world_size=8, ranks_per_node=2, tp=16), "parallel.pp", "pp x tp"),
+])
+def test_invalid_layouts_name_the_field(kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        MeshLayout(**kwargs)
+    message = str(err.value)
+    assert f"`{field}`" in message and hint in message and "Valid" in message, message
+    assert "\n" not in message
+
+
+def test_experts_must_divide_by_ep():
+    lay = MeshLayout(8, 2, ep=4)
+    lay.check_experts(16)
+    with pytest.raises(ConfigError, match="parallel.ep"):
+        lay.check_experts(10)
