@@ -1,5 +1,5 @@
 """Run the experts a rank holds on the rows it received: sort the (row, slot) pairs by local expert, run
-each expert on its rows, weight by the gates and sum a row's pairs (FP32). Works with a grouped expert
+each expert on its rows, weight by the gates and sum a row's slots in slot order (FP32). Works with a grouped expert
 module called as experts(x_sorted, counts) or with a plain list of nn.Modules (one per local expert)."""
 
 from __future__ import annotations
@@ -32,5 +32,7 @@ def run_local_experts(experts: nn.Module | Sequence[nn.Module], x: torch.Tensor,
     counts = torch.bincount(ids, minlength=num_local)
     y = _call(experts, x[rows], counts)
     weighted = y * gates[rows, slots].unsqueeze(-1)
-    out = torch.zeros(x.shape[0], y.shape[1], dtype=weighted.dtype, device=x.device)
-    return out.index_add(0, rows, weighted).to(x.dtype)
+    # Sum each row's slots in slot order over [N, K, H] (other ranks' slots are zeros): the same reduction
+    # as a single-process top-K sum, so a token whose experts all live on this rank gets identical bits.
+    per_slot = torch.zeros(x.shape[0], expert_ids.shape[1], y.shape[1], dtype=weighted.dtype, device=x.device)
+    return per_slot.index_put((rows, slots), weighted).sum(1).to(x.dtype)

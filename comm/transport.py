@@ -39,12 +39,13 @@ class Hop:
         return intra, inter
 
 
-def exchange_counts(group: dist.ProcessGroup | None, size: int, send_splits: list[int]) -> list[int]:
+def exchange_counts(group: dist.ProcessGroup | None, size: int, send_splits: list[int],
+                    device: torch.device | str = "cpu") -> list[int]:
     """Tell every member how many rows it will get from me; learn how many I get from each."""
     if group is None:
         return list(send_splits)
-    send = torch.tensor(send_splits, dtype=torch.int64)
-    recv = torch.empty(size, dtype=torch.int64)
+    send = torch.tensor(send_splits, dtype=torch.int64, device=device)
+    recv = torch.empty(size, dtype=torch.int64, device=device)
     dist.all_to_all_single(recv, send, group=group)
     return recv.tolist()
 
@@ -54,7 +55,7 @@ def make_hop(group, me: int, remote: list[bool], dest_mask: torch.Tensor) -> Hop
     ordered by member then row."""
     members, rows = dest_mask.t().nonzero(as_tuple=True)
     send_splits = torch.bincount(members, minlength=len(remote)).tolist()
-    recv_splits = exchange_counts(group, len(remote), send_splits)
+    recv_splits = exchange_counts(group, len(remote), send_splits, dest_mask.device)
     return Hop(group, me, remote, rows, send_splits, recv_splits, dest_mask.shape[0])
 
 

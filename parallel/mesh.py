@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
-
 from moetron.comm.layout import EPGroup, local_size_of, new_ep_groups
+
 from moetron.config.errors import ConfigError, invalid
 
 

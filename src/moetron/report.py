@@ -24,6 +24,7 @@ def _read(path: Path) -> list[dict]:
 def load_heatmap_figure(loads: list[list[float]], title: str = "expert load / mean"):
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(len(loads), 1)))
     image = ax.imshow(loads, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(loads)))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(title)
@@ -49,21 +50,24 @@ def draw_report(run_dir: Path, out: Path) -> Path:
         if event["event"] not in MARKERS:
             continue
         color, marker = MARKERS[event["event"]]
-        if marker == "|":
+        values = [event.get(key) for key in ("loss", "grad_norm")]
+        # Rollbacks, and NaN/Inf values (stored as text, so not placeable on the axis), mark the step.
+        if marker == "|" or not all(isinstance(v, (int, float)) for v in values):
             for ax in (ax_loss, ax_grad):
-                ax.axvline(event["step"], color=color, linestyle="--", linewidth=0.8)
+                ax.axvline(event["step"], color=color, linestyle="--", linewidth=0.8, label=event["event"])
             continue
-        ax_loss.plot(event["step"], event.get("loss", float("nan")), marker, color=color, label=event["event"])
-        ax_grad.plot(event["step"], event.get("grad_norm", float("nan")), marker, color=color)
+        ax_loss.plot(event["step"], values[0], marker, color=color, label=event["event"])
+        ax_grad.plot(event["step"], values[1], marker, color=color)
     ax_loss.set_ylabel("loss")
     ax_grad.set_ylabel("global grad norm")
     ax_grad.set_xlabel("step")
     handles, labels = ax_loss.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax_loss.legend(unique.values(), unique.keys(), fontsize=8)
-    ax_loss.set_title(f"{run_dir.name}: spikes x, skips v, rollbacks dashed")
+    ax_loss.set_title(f"{run_dir.name}: spikes x; rollbacks (black) and NaN/Inf (purple) dashed")
     if loads:
         image = ax_load.imshow(loads[-1]["load"], aspect="auto", cmap="viridis")
+        ax_load.set_yticks(range(len(loads[-1]["load"])))
         ax_load.set_title(f"expert load / mean at step {loads[-1]['step']}")
         ax_load.set_xlabel("expert")
         ax_load.set_ylabel("MoE layer")

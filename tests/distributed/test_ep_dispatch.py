@@ -15,13 +15,21 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moetron.comm import CommStats, Dispatcher, run_local_experts, world_ep_group
+from moetron.comm import (
+    CommStats,
+    Dispatcher,
+    DispatchFormat,
+    new_ep_groups,
+    run_local_experts,
+    world_ep_group,
+)
 from torch import nn
 
 from moetron.fp8.quant import dequantize_1x128, quantize_1x128
@@ -127,8 +135,6 @@ def check_layout(ep, case, mode, fp8=False):
 
 
 def disp_row_bytes(case, fp8):
-    from moetron.comm import DispatchFormat
-
     return DispatchFormat(HIDDEN, case["top_k"], torch.float32, fp8).row_bytes
 
 
@@ -190,6 +196,31 @@ def check_gradients(ep, case, mode, use_async=False, fp8=False, combine_dtype=No
         assert torch.allclose(got, ref, **gtol), f"{where}: expert {j} weight gradient differs"
 
 
+def check_two_in_flight(ep, mode):
+    """Two micro-batches' dispatches and combines in flight at once (as F&B overlap does) give the same
+    rows and outputs as one at a time."""
+    case_a, case_b = CASES["two_nodes_per_token"], CASES["uneven"]
+    world, rank = ep.size, ep.rank
+    per_rank = case_a["experts"] // world
+    experts = make_experts(per_rank)
+    (xa, ia, ga), (xb, ib, gb) = make_inputs(case_a, rank, ep.num_nodes), make_inputs(case_b, rank, ep.num_nodes)
+    disp = Dispatcher(ep, case_a["experts"], mode)
+    want_a = disp.combine(run_local_experts(experts, *_fields(disp.dispatch(xa, ia, ga))), disp.dispatch(xa, ia, ga))
+    da_ref, db_ref = disp.dispatch(xa, ia, ga), disp.dispatch(xb, ib, gb)
+    want_b = disp.combine(run_local_experts(experts, *_fields(db_ref)), db_ref)
+    pa, pb = disp.dispatch_async(xa, ia, ga), disp.dispatch_async(xb, ib, gb)
+    da, db = pa.wait(), pb.wait()
+    assert torch.equal(da.x, da_ref.x) and torch.equal(db.x, db_ref.x), f"{mode} rank {rank}: rows differ in flight"
+    ca = disp.combine_async(run_local_experts(experts, *_fields(da)), da)
+    cb = disp.combine_async(run_local_experts(experts, *_fields(db)), db)
+    got_b, got_a = cb.wait(), ca.wait()
+    assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b), f"{mode} rank {rank}: outputs differ in flight"
+
+
+def _fields(d):
+    return d.x, d.expert_ids, d.gates
+
+
 # ---- cases ----------------------------------------------------------------------------------------------
 BASE = dict(seed=1, experts=8, top_k=TOP_K, max_nodes=1, tokens=lambda src: 6 + 3 * src, name="base")
 CASES = {
@@ -215,6 +246,8 @@ def run_four(ep):
     check_gradients(ep, CASES["two_nodes_per_token"], "two_hop", use_async=True)
     check_gradients(ep, CASES["two_nodes_per_token"], "two_hop", fp8=True)
     check_gradients(ep, CASES["base"], "two_hop", combine_dtype=torch.bfloat16)
+    for mode in ("flat", "two_hop"):
+        check_two_in_flight(ep, mode)
 
 
 def run_eight(ep):
@@ -223,6 +256,11 @@ def run_eight(ep):
         check_layout(ep, case, mode)
     check_gradients(ep, case, "two_hop")
     check_layout(ep, dict(case, tokens=lambda src: 0 if src % 3 == 0 else 9, name="8 ranks, empty"), "two_hop")
+    # the same 8 ranks as 8 nodes of one rank: two-hop degenerates to the rail hop alone
+    one_per_node = new_ep_groups([list(range(8))], ranks_per_node=1)
+    assert (one_per_node.num_nodes, one_per_node.intra) == (8, None)
+    for mode in ("flat", "two_hop"):
+        check_layout(one_per_node, dict(case, max_nodes=2, name="8 nodes x 1"), mode)
 
 
 # ---- spawning ---------------------------------------------------------------------------------------------
@@ -231,6 +269,7 @@ def worker(rank: int, world: int, port: int, ranks_per_node: int, job: str) -> N
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
+        assert "moetron.model" not in sys.modules, "the dispatcher must not need moetron.model"
         ep = world_ep_group(ranks_per_node)
         {"four": run_four, "eight": run_eight}[job](ep)
         dist.barrier()

@@ -116,6 +116,16 @@ def test_grouped_linear_and_swiglu_experts_match_autograd():
         assert cosine(got, want) > 0.995
 
 
+def test_experts_with_no_tokens_at_all():
+    experts = FP8GroupedExperts(3, 128, 64)
+    nn.init.normal_(experts.gate_up_proj, std=0.05)
+    nn.init.normal_(experts.down_proj, std=0.05)
+    x = torch.randn(0, 128, requires_grad=True)  # an expert-parallel rank that received nothing
+    y = experts(x, torch.zeros(3, dtype=torch.long))
+    y.sum().backward()
+    assert y.shape == (0, 128) and not experts.gate_up_proj.grad.any() and x.grad.shape == (0, 128)
+
+
 def saved_tensors_of(fn):
     saved = []
 

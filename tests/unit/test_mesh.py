@@ -1,11 +1,14 @@
 """The process mesh's arithmetic: groups partition the world, EP is carved from DP, nodes and rails are
 right, and invalid layouts fail with a message naming the field, the value and what is valid."""
 
-import pytest
+import subprocess
+import sys
 
+import pytest
 from moetron.comm.layout import EPGroup, local_size_of, node_slices
-from moetron.config.errors import ConfigError
 from moetron.parallel.mesh import KINDS, MeshLayout
+
+from moetron.config.errors import ConfigError
 
 
 def partitions_world(groups, world):
@@ -75,3 +78,12 @@ def test_experts_must_divide_by_ep():
     lay.check_experts(16)
     with pytest.raises(ConfigError, match="parallel.ep"):
         lay.check_experts(10)
+
+
+def test_comm_and_mesh_import_no_model_trainer_data_or_hydra():
+    """ARCHITECTURE.md boundaries: moetron.comm and moetron.parallel take plain modules and groups."""
+    code = ("import sys, moetron.comm, moetron.parallel.mesh; "
+            "bad = [m for m in sys.modules if m.split('.')[:2] in (['moetron', 'model'], ['moetron', 'train'], "
+            "['moetron', 'data']) or m.split('.')[0] in ('hydra', 'omegaconf')]; print(bad); assert not bad")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -78,6 +78,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_token_id: int | None = N
         "num_hidden_layers": cfg.num_hidden_layers,
         "first_k_dense_replace": cfg.first_k_dense_replace,
         "moe_layer_freq": 1,
+        "ep_size": 1,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_attention_heads,  # MLA: every head has its own key and value
         "q_lora_rank": cfg.q_lora_rank or None,

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from moetron.checkpoint import CheckpointStore
 from moetron.checkpoint.store import STEP_DIR, TRAIN_STATE
 from moetron.config import ConfigError, ModelConfig, MoetronConfig
+from moetron.config.hydra import to_yaml
 from moetron.hf.config import hf_config, model_config, routing_mismatch
 from moetron.hf.safetensors_io import INDEX, SafetensorsDir, parse_size, write_sharded
 from moetron.hf.tensors import from_hf, to_hf
@@ -237,9 +238,11 @@ def import_checkpoint(src: str | Path, dst: str | Path, overrides: list[str] | t
                           "or empty run directory (importing never overwrites a run).")
     config = compose_run_config(list(overrides), cfg, dst)
 
-    quant = hf.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size") or (128, 128))
-    source = SafetensorsDir(src, fp8_block=block)
+    block = (hf.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"Unsupported value in {config_json}: `quantization_config.weight_block_size` = {block!r}. "
+                          "Valid: two positive integers, e.g. [128, 128].")
+    source = SafetensorsDir(src, fp8_block=tuple(block))
     tied = bool(hf.get("tie_word_embeddings", False))
     expected = expected_state(cfg)
     state, notes = from_hf(source, cfg, expected, tied_embeddings=tied, init_missing_mtp=(mtp == "auto"),
@@ -248,8 +251,6 @@ def import_checkpoint(src: str | Path, dst: str | Path, overrides: list[str] | t
 
     dst.mkdir(parents=True, exist_ok=True)
     path = store.save(0, model, None, {"step": 0, "tokens": 0, "sequences": 0, "imported_from": str(src.resolve())})
-    from moetron.config.hydra import to_yaml
-
     (dst / "config.yaml").write_text(to_yaml(config))
     model_dir = dst / MODEL_CONF_DIR / "model"
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@ rank runs them on its own tokens). Group-limited routing uses groups = nodes of 
 token reaches at most topk_group nodes.
 
 It is a `MoE` (isinstance holds, so Transformer.moe_layers and the trainer's bias update find it) with
-the same statistics buffers; only `experts` holds this rank's block. Loads for the bias update must be
+the same statistics buffers; only `experts` holds this rank's block (state_dict keys as in MoE, shapes
+[experts_per_rank, ...]: a checkpoint writer must map them to global expert ids, expert_offset + i).
+A MoE on the "meta" device gives an EP layer on "meta" (to_empty + init afterwards), so a large model
+never materializes every expert on every rank. Loads for the bias update must be
 summed over every rank that sees different tokens: `global_load(group)` does that all-reduce.
 """
 
@@ -16,7 +19,7 @@ from torch import nn
 
 from moetron.comm import CommStats, Dispatcher, EPGroup, run_local_experts
 from moetron.config.errors import invalid
-from moetron.model.moe import MoE, GroupedExperts, _AttachAuxLoss, sequence_balance_loss
+from moetron.model.moe import GroupedExperts, MoE, Routing, _AttachAuxLoss, sequence_balance_loss
 
 
 class ExpertParallelMoE(MoE):
@@ -38,7 +41,8 @@ class ExpertParallelMoE(MoE):
         self.shared_experts = moe.shared_experts
         full = moe.experts
         _, two_inter, hidden = full.gate_up_proj.shape
-        self.experts = GroupedExperts(per_rank, hidden, two_inter // 2)
+        with torch.device(full.gate_up_proj.device):  # "meta" too: build big models without materializing
+            self.experts = GroupedExperts(per_rank, hidden, two_inter // 2)
         with torch.no_grad():
             block = slice(self.expert_offset, self.expert_offset + per_rank)
             self.experts.gate_up_proj.copy_(full.gate_up_proj[block])
@@ -52,7 +56,7 @@ class ExpertParallelMoE(MoE):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = h.shape
         x = h.reshape(-1, hidden)
-        routing = self.gate(x)
+        routing = self.gate(x) if x.shape[0] else self._no_routing(x)
         received = self.dispatcher.dispatch(x, routing.experts, routing.gates)
         y = run_local_experts(self.experts, received.x, received.expert_ids, received.gates, self.experts_per_rank)
         out = self.dispatcher.combine(y, received).to(x.dtype)
@@ -61,12 +65,18 @@ class ExpertParallelMoE(MoE):
         out = out.view(batch, seq, hidden)
         if self.training and torch.is_grad_enabled():
             self._record(routing)
-            if self.alpha > 0:
+            if self.alpha > 0 and batch > 0:
                 experts = routing.experts.view(batch, seq, -1)
                 bal = sequence_balance_loss(routing.scores.view(batch, seq, -1), experts, self.num_experts, self.alpha)
                 self.balance_loss_sum += bal.detach()
                 out = _AttachAuxLoss.apply(out, bal, self.aux_loss_scale)
         return out
+
+    def _no_routing(self, x: torch.Tensor) -> Routing:
+        """A rank without tokens still takes part in the collectives (the Router cannot view 0 rows)."""
+        top_k = self.gate.top_k
+        scores = x.new_zeros(0, self.num_experts, dtype=torch.float32) + 0 * self.gate.weight.sum()
+        return Routing(scores, torch.zeros(0, top_k, dtype=torch.long, device=x.device), scores[:, :top_k])
 
     @torch.no_grad()
     def global_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
