@@ -26,5 +26,8 @@ test:
 lint:
 	$(PY) -m ruff check src parallel comm tests benchmarks
 
+# Every benchmark at small sizes; each prints its headline figures last and writes benchmarks/results/<name>.json.
 bench:
-	$(PY) benchmarks/model_throughput.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/pipeline_schedules.py
+	$(PY) benchmarks/ep_dispatch.py

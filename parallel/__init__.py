@@ -1,5 +1,6 @@
-"""moetron.parallel: pipeline schedules (1F1B, ZB1P, DualPipe, DualPipeV) as data, a simulator,
-and one executor that runs any of them over torch.distributed point-to-point transfers.
+"""moetron.parallel: the process mesh (PP x DP x EP x TP groups, nodes, rails), pipeline schedules
+(1F1B, ZB1P, DualPipe, DualPipeV) as data, a simulator, and one executor that runs any of them over
+torch.distributed point-to-point transfers.
 
 Knows nothing about moetron's model: it takes nn.Modules, tensors and process groups.
 """
@@ -12,6 +13,7 @@ from .executor import (
     StepResult,
     sequential_forward_backward,
 )
+from .mesh import KINDS, MeshLayout, ProcessMesh
 from .schedule_1f1b import one_f_one_b
 from .schedule_check import check_schedule
 from .schedule_dualpipe import dualpipe, dualpipev
@@ -21,7 +23,8 @@ from .simulator import Costs, SimResult, peak_activations, simulate
 from .weight_grad import ChunkBackward, WeightGradStore
 
 __all__ = [
-    "FB", "Action", "BackwardJob", "ChunkBackward", "Costs", "ForwardJob", "Op", "PipelineExecutor",
+    "FB", "KINDS", "Action", "BackwardJob", "ChunkBackward", "Costs", "ForwardJob", "MeshLayout", "Op",
+    "PipelineExecutor", "ProcessMesh",
     "SCHEDULES", "Schedule", "ScheduleError", "SimResult", "StageId", "Step", "StepResult",
     "WeightGradStore", "actions_of", "build_schedule", "check_schedule", "dualpipe", "dualpipev",
     "one_f_one_b", "peak_activations", "sequential_forward_backward", "simulate", "zb1p",

@@ -121,11 +121,23 @@ def test_offline_wandb_run_holds_metrics_and_spike_events(corpus, tmp_path):
     config.monitor.wandb, config.monitor.report = True, True
     Trainer(config).fit()
     run = read_offline_run(tmp_path / "run")
-    losses = {row["_step"]: row["train/loss"] for row in run.history if "train/loss" in row}
+    losses = {row["trainer/step"]: row["train/loss"] for row in run.history if "train/loss" in row}
     logged = {m["step"]: m["loss"] for m in metrics(tmp_path / "run")}
     assert losses.keys() == logged.keys()
     assert all(abs(losses[s] - logged[s]) <= 1e-5 * abs(logged[s]) for s in logged)
-    assert any(row.get("events/loss_spike") == 1 and row["_step"] == 9 for row in run.history)
+    assert any(row.get("events/loss_spike") == 1 and row["trainer/step"] == 9 for row in run.history)
     assert any("loss_spike at step 9" in alert["title"] for alert in run.alerts)
     assert any(row.get("balance/expert_load_heatmap/_type") == "image-file" for row in run.history)
     assert (tmp_path / "run" / "report.png").exists()
+
+
+def test_grad_norm_spikes_follow_their_own_policy(corpus, tmp_path):
+    from moetron.monitor import Verdict
+
+    trainer = Trainer(spike_config(corpus, tmp_path / "run", 4, "rollback", []))
+    trainer.start()
+    assert trainer.decide(3, Verdict("grad_spike", "x"), 3.0, 9.0) == "apply"  # default grad_policy: warn
+    trainer.cfg.monitor.spike.grad_policy = "skip"
+    assert trainer.decide(3, Verdict("grad_spike", "x"), 3.0, 9.0) == "skip"
+    assert trainer.decide(3, Verdict("loss_spike", "x"), 9.0, 1.0) == "skip"  # no checkpoint before step 3 yet
+    assert [e["action"] for e in events(tmp_path / "run") if e["event"].endswith("spike")] == ["apply", "skip", "skip"]

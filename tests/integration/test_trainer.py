@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import small_model_config
 
-from moetron.config import ConfigError, DataConfig, MonitorConfig, MoetronConfig, RunConfig, TrainConfig
+from moetron.config import ConfigError, DataConfig, MoetronConfig, MonitorConfig, RunConfig, TrainConfig
 from moetron.train.trainer import Trainer
 
 

@@ -53,6 +53,7 @@ def test_mtp_shares_embedding_and_head_and_computes_shifted_loss():
     h = model.embed_tokens(tokens)
     for layer in model.layers:
         h = layer(h, cos, sin)
+    h = model.norm(h)
     losses = []
     for k, module in enumerate(model.mtp, start=1):
         h = module(h, model.embed_tokens(shift_left(tokens, k, 0)), cos, sin)

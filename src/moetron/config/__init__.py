@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from moetron.config.errors import ConfigError, invalid
+from moetron.config.fp8 import FP8Config, validate_fp8
 from moetron.config.model import ModelConfig, RopeScaling
 from moetron.config.monitor import FaultConfig, MonitorConfig, SpikeConfig, validate_monitor
 from moetron.config.train import (
@@ -23,6 +24,7 @@ class MoetronConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self) -> "MoetronConfig":
         self.model.validate()
@@ -30,6 +32,7 @@ class MoetronConfig:
         validate_data(self.data)
         validate_run(self.run)
         validate_monitor(self.monitor)
+        validate_fp8(self.fp8)
         max_len = self.model.max_position_embeddings
         if self.train.seq_len > max_len:
             raise invalid("train.seq_len", self.train.seq_len,
@@ -38,6 +41,6 @@ class MoetronConfig:
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "MonitorConfig", "MoetronConfig", "OptimConfig",
+    "ConfigError", "DataConfig", "FP8Config", "FaultConfig", "ModelConfig", "MonitorConfig", "MoetronConfig", "OptimConfig",
     "RopeScaling", "RunConfig", "SpikeConfig", "TrainConfig", "invalid",
 ]

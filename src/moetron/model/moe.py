@@ -36,7 +36,7 @@ class Router(nn.Module):
             scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:  # node-limited routing: keep the M groups with the best top-(K/M) sums
-            grouped = biased.view(x.shape[0], self.n_group, -1)
+            grouped = biased.view(x.shape[0], self.n_group, biased.shape[1] // self.n_group)  # T may be 0
             group_score = grouped.topk(self.top_k // self.topk_group, dim=-1).values.sum(-1)
             kept = group_score.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)

@@ -67,7 +67,8 @@ class DeepSeekV3(nn.Module):
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)  # MTP depth 1 also starts from the final-normed state (as transformers/vLLM/Megatron)
+        logits = self.lm_head(h)
         if labels is None:
             return ModelOutput(logits=logits)
 

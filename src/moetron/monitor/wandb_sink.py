@@ -40,17 +40,21 @@ class WandbSink:
             id=run_id, resume="allow", name=run_dir.name, config=config,
             settings=wandb.Settings(silent=True, console="off"),
         )
+        # Plot against the trainer's step, not wandb's own counter: after a rollback the trainer's step goes
+        # back, and wandb drops rows whose internal step is not increasing.
+        self.run.define_metric("trainer/step")
+        self.run.define_metric("*", step_metric="trainer/step")
 
     def log(self, record: dict) -> None:
-        self.run.log(wandb_record(record), step=record["step"])
+        self.run.log({"trainer/step": record["step"], **wandb_record(record)})
 
     def log_event(self, name: str, step: int, text: str) -> None:
         """An event as a metric (so it plots) and an alert (so someone is told, when online)."""
-        self.run.log({f"events/{name}": 1}, step=step)
+        self.run.log({"trainer/step": step, f"events/{name}": 1})
         self.run.alert(title=f"moetron {name} at step {step}", text=text, level=self.wandb.AlertLevel.WARN)
 
     def log_expert_load(self, step: int, figure) -> None:
-        self.run.log({"balance/expert_load_heatmap": self.wandb.Image(figure)}, step=step)
+        self.run.log({"trainer/step": step, "balance/expert_load_heatmap": self.wandb.Image(figure)})
 
     def finish(self) -> None:
         self.run.finish()

@@ -58,6 +58,10 @@ class Trainer:
             )
         torch.manual_seed(config.run.seed)
         self.model = DeepSeekV3(config.model)
+        if config.fp8.enabled:  # before the optimizer: the conversion keeps the same Parameter objects anyway
+            from moetron.fp8.convert import convert_to_fp8
+
+            convert_to_fp8(self.model, config.fp8.backend, config.fp8.power_of_two_scales)
         self.optimizer = MasterAdamW(self.model.named_parameters(), config.train.optim)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints)
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
@@ -108,7 +112,7 @@ class Trainer:
         if not saved.exists() or not self.checkpoints.complete():
             return
         old, new = OmegaConf.load(saved), OmegaConf.structured(self.cfg)
-        for name in ("model", "train.seq_len", "data.tokenizer"):
+        for name in ("model", "train.seq_len", "data.tokenizer", "fp8"):
             before, now = OmegaConf.select(old, name), OmegaConf.select(new, name)
             if before != now:
                 show = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (before, now)]
@@ -192,11 +196,12 @@ class Trainer:
         if verdict.ok:
             return "apply"
         spike = self.cfg.monitor.spike
+        policy = spike.grad_policy if verdict.kind == "grad_spike" else spike.policy
         if verdict.kind == "nonfinite":
             action = "skip"  # a NaN/Inf update can never be applied
-        elif spike.policy == "warn":
+        elif policy == "warn":
             action = "apply"
-        elif spike.policy == "rollback" and self.state.rollbacks < spike.max_rollbacks and self._before(step):
+        elif policy == "rollback" and self.state.rollbacks < spike.max_rollbacks and self._before(step):
             action = "rollback"
         else:
             action = "skip"
