@@ -2,6 +2,8 @@
 
 import sys
 
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early by a signal with a checkpoint saved; run again to resume
+
 import hydra
 from omegaconf import DictConfig
 
@@ -21,6 +23,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:  # a user mistake: one paragraph, no traceback, nothing written over
         print(f"moetron: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if last is not None and last.get("preempted"):
+        print(f"moetron: stopped by {trainer.stop_signal} after step {last['step']} with a checkpoint saved; "
+              f"rerun the same command to resume (run.dir={trainer.run_dir})")
+        sys.exit(EXIT_REQUEUE)
     if last is not None:
         summary = f"step {last['step']}  loss {last['loss']:.4f}  lm_loss {last['lm_loss']:.4f}"
         if "val_loss" in last:

@@ -9,6 +9,8 @@ step's expert loads -- or, for a bad step, a skipped update or a rollback. Check
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +75,7 @@ class Trainer:
                                     on_fire=lambda step, kind: self.events.event("fault", step, kind=kind))
         self.flops_per_token = training_flops_per_token(config.model, config.train.seq_len)
         self.sink = None
+        self.stop_signal: str | None = None  # set by SIGUSR1/SIGTERM: finish the step, checkpoint, exit
         self.state = TrainState()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -254,7 +257,13 @@ class Trainer:
         self.events.event("checkpoint", step, path=str(path))
 
     # ------------------------------------------------------------------------------------------- loop
+    def request_stop(self, signum, _frame=None) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
     def fit(self) -> dict | None:
+        if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM)
+            for signum in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(signum, self.request_stop)
         self.start()
         cfg = self.cfg
         total = cfg.train.steps
@@ -283,13 +292,26 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            if step % self.save_every() == 0 or step == total:
+            saved = step % self.save_every() == 0 or step == total
+            if saved:
                 self.save()
             bar.update(1)
+            if self.stop_signal is not None:
+                return self.preempt(record, saved, bar)
         bar.close()
         self.events.event("finish", self.state.step)
         self.finish()
         return record
+
+    def preempt(self, record: dict, saved: bool, bar) -> dict:
+        """Stop after a complete step with a checkpoint, so the requeued job resumes with nothing lost."""
+        bar.close()
+        if not saved:
+            self.save()
+        self.events.event("preempted", self.state.step, signal=self.stop_signal,
+                          slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        self.finish()
+        return record | {"preempted": True}
 
     def log(self, record: dict, tokens_per_s: float, step_time: float) -> None:
         record["tokens_per_s"] = tokens_per_s
