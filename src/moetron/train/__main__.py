@@ -2,8 +2,6 @@
 
 import sys
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early by a signal with a checkpoint saved; run again to resume
-
 import hydra
 from omegaconf import DictConfig
 
@@ -11,6 +9,8 @@ from moetron.config import ConfigError
 from moetron.config.hydra import register_schema, to_config
 
 register_schema()
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early by a signal with a checkpoint saved; run again to resume
 
 
 @hydra.main(config_path="pkg://moetron.hydra_conf", config_name="config", version_base=None)
