@@ -29,10 +29,7 @@ and benchmarks/results/ep_dispatch.png (inter-node bytes per token per mode, bot
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import socket
 import statistics
 import sys
 import time
@@ -40,8 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from moetron.comm import CommStats, Dispatcher, DispatchFormat, run_local_experts, world_ep_group
+from moetron.parallel.local import run_local
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,53 +72,47 @@ def count_rows(ids: torch.Tensor, home_rank: int, experts: int, nodes: int, rank
                 nodes=int(nodes_hit.sum()), remote_experts=int((node != home).sum()))
 
 
-def worker(rank: int, world: int, port: int, args, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        ep = world_ep_group(args.ranks_per_node)
-        ids = v3_routing(args.tokens, args.experts, args.nodes, args.max_nodes, args.top_k, seed=rank)
-        x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(100 + rank))
-        gates = torch.full(ids.shape, 1.0 / args.top_k)
-        per_rank = args.experts // world
-        experts = torch.nn.ModuleList([torch.nn.Identity()] * per_rank)
-        result: dict = {}
-        for mode in ("flat", "two_hop"):
-            stats = CommStats()
-            disp = Dispatcher(ep, args.experts, mode, fp8=args.fp8, stats=stats)
-            times_d, times_c = [], []
-            for it in range(args.iters + 1):  # the first call is a warm-up
-                dist.barrier()
-                t0 = time.perf_counter()
-                d = disp.dispatch(x, ids, gates)
-                t1 = time.perf_counter()
-                y = run_local_experts(experts, d.x, d.expert_ids, d.gates, per_rank)
-                dist.barrier()
-                t2 = time.perf_counter()
-                disp.combine(y, d)
-                t3 = time.perf_counter()
-                if it == 0:
-                    counters = torch.tensor([stats.dispatch_inter_bytes, stats.dispatch_intra_bytes], dtype=torch.float64)
-                    dist.all_reduce(counters)
-                    result[f"{mode}_bytes"] = counters.tolist()
-                spent = torch.tensor([t1 - t0, t3 - t2], dtype=torch.float64)
-                dist.all_reduce(spent, op=dist.ReduceOp.MAX)
-                if it:
-                    times_d.append(spent[0].item())
-                    times_c.append(spent[1].item())
-            result[f"{mode}_dispatch_ms"] = 1e3 * statistics.median(times_d)
-            result[f"{mode}_combine_ms"] = 1e3 * statistics.median(times_c)
-        rows = count_rows(ids, rank, args.experts, args.nodes, args.ranks_per_node)
-        counts = torch.tensor([rows[k] for k in ("naive", "flat", "two_hop", "nodes", "remote_experts")],
-                              dtype=torch.float64)
-        dist.all_reduce(counts)
-        result["rows"] = counts.tolist()
-        if rank == 0:
-            Path(out_path).write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, world: int, args, out_path: str) -> None:
+    ep = world_ep_group(args.ranks_per_node)
+    ids = v3_routing(args.tokens, args.experts, args.nodes, args.max_nodes, args.top_k, seed=rank)
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(100 + rank))
+    gates = torch.full(ids.shape, 1.0 / args.top_k)
+    per_rank = args.experts // world
+    experts = torch.nn.ModuleList([torch.nn.Identity()] * per_rank)
+    result: dict = {}
+    for mode in ("flat", "two_hop"):
+        stats = CommStats()
+        disp = Dispatcher(ep, args.experts, mode, fp8=args.fp8, stats=stats)
+        times_d, times_c = [], []
+        for it in range(args.iters + 1):  # the first call is a warm-up
+            dist.barrier()
+            t0 = time.perf_counter()
+            d = disp.dispatch(x, ids, gates)
+            t1 = time.perf_counter()
+            y = run_local_experts(experts, d.x, d.expert_ids, d.gates, per_rank)
+            dist.barrier()
+            t2 = time.perf_counter()
+            disp.combine(y, d)
+            t3 = time.perf_counter()
+            if it == 0:
+                counters = torch.tensor([stats.dispatch_inter_bytes, stats.dispatch_intra_bytes], dtype=torch.float64)
+                dist.all_reduce(counters)
+                result[f"{mode}_bytes"] = counters.tolist()
+            spent = torch.tensor([t1 - t0, t3 - t2], dtype=torch.float64)
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+            if it:
+                times_d.append(spent[0].item())
+                times_c.append(spent[1].item())
+        result[f"{mode}_dispatch_ms"] = 1e3 * statistics.median(times_d)
+        result[f"{mode}_combine_ms"] = 1e3 * statistics.median(times_c)
+    rows = count_rows(ids, rank, args.experts, args.nodes, args.ranks_per_node)
+    counts = torch.tensor([rows[k] for k in ("naive", "flat", "two_hop", "nodes", "remote_experts")],
+                          dtype=torch.float64)
+    dist.all_reduce(counts)
+    result["rows"] = counts.tolist()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(result))
+    dist.barrier()
 
 
 def v3_layout_counts(args) -> dict:
@@ -189,18 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("experts must divide by nodes x ranks_per_node, and top-k by max-nodes")
 
     raw_path = Path(args.out).with_suffix(".raw.json")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    context = mp.spawn(worker, args=(world, port, args, str(raw_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + args.timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-            sys.exit(f"ep_dispatch: ranks did not finish within {args.timeout:.0f} s")
+    try:
+        run_local(worker, world, args=(args, str(raw_path)), timeout=args.timeout)
+    except TimeoutError as err:
+        sys.exit(f"ep_dispatch: {err}")
     raw = json.loads(raw_path.read_text())
     raw_path.unlink()
 

@@ -12,16 +12,9 @@ uneven loads. No moetron.model import: the dispatcher works on plain modules.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import sys
-import time
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from moetron.comm import (
     CommStats,
     Dispatcher,
@@ -30,6 +23,7 @@ from moetron.comm import (
     run_local_experts,
     world_ep_group,
 )
+from moetron.parallel.local import run_local
 from torch import nn
 
 from moetron.fp8.quant import dequantize_1x128, quantize_1x128
@@ -264,32 +258,14 @@ def run_eight(ep):
 
 
 # ---- spawning ---------------------------------------------------------------------------------------------
-def worker(rank: int, world: int, port: int, ranks_per_node: int, job: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        assert "moetron.model" not in sys.modules, "the dispatcher must not need moetron.model"
-        ep = world_ep_group(ranks_per_node)
-        {"four": run_four, "eight": run_eight}[job](ep)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def run_job(rank: int, world: int, ranks_per_node: int, job: str) -> None:
+    assert "moetron.model" not in sys.modules, "the dispatcher must not need moetron.model"
+    ep = world_ep_group(ranks_per_node)
+    {"four": run_four, "eight": run_eight}[job](ep)
 
 
 def spawn(world: int, ranks_per_node: int, job: str, timeout: float) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    context = mp.spawn(worker, args=(world, port, ranks_per_node, job), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"EP dispatch test ({world} ranks, {job}) hung for {timeout:.0f} s")
+    run_local(run_job, world, args=(ranks_per_node, job), timeout=timeout)
 
 
 def test_dispatch_two_nodes_of_two():

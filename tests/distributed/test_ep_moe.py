@@ -15,17 +15,12 @@ within a node, expert gradients all-reduced over the expert-data-parallel group)
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import small_model_config
 from moetron.comm import CommStats, DispatchFormat, world_ep_group
+from moetron.parallel.local import run_local
 from moetron.parallel.mesh import MeshLayout, ProcessMesh
 
 from moetron.fp8.quant import dequantize_1x128, quantize_1x128
@@ -155,32 +150,14 @@ def run_mesh(_ep):
     assert isinstance(model[0], ExpertParallelMoE) and model[0].experts.gate_up_proj.shape[0] == 4
 
 
-def worker(rank: int, world: int, port: int, jobs: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        ep = world_ep_group(ranks_per_node=2)
-        for job in jobs:
-            {"world": run_world, "mesh": run_mesh}[job](ep)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def run_jobs(rank: int, world: int, jobs: list[str]) -> None:
+    ep = world_ep_group(ranks_per_node=2)
+    for job in jobs:
+        {"world": run_world, "mesh": run_mesh}[job](ep)
 
 
 def spawn(world: int, jobs: list[str], timeout: float) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    context = mp.spawn(worker, args=(world, port, jobs), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"EP MoE test ({world} ranks) hung for {timeout:.0f} s")
+    run_local(run_jobs, world, args=(jobs,), timeout=timeout)
 
 
 def test_ep_moe_matches_single_process():

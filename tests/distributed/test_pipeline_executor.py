@@ -11,14 +11,8 @@ addition is not associative; everything else is the same arithmetic.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from moetron.parallel import (
     FB,
     Op,
@@ -29,6 +23,7 @@ from moetron.parallel import (
     peak_activations,
     sequential_forward_backward,
 )
+from moetron.parallel.local import run_local
 from torch import nn
 
 DIM, VOCAB, EXPERTS, MICROBATCH_ROWS = 8, 16, 2, 6
@@ -181,31 +176,14 @@ def run_case(name: str, chunks: int, steps: int = 1) -> None:
         assert result.peak_live_chunks == table[name], f"{where}: peak {result.peak_live_chunks} != table"
 
 
-def worker(rank: int, world: int, port: int, cases: list[tuple]) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for case in cases:
-            run_case(*case)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def run_cases(rank: int, world: int, cases: list[tuple]) -> None:
+    for case in cases:
+        run_case(*case)
+        dist.barrier()
 
 
 def spawn(world: int, cases: list[tuple], timeout: float = 60.0) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    context = mp.spawn(worker, args=(world, port, cases), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"pipeline test with {world} ranks hung for {timeout:.0f} s: {cases}")
+    run_local(run_cases, world, args=(cases,), timeout=timeout)
 
 
 def test_two_ranks_every_schedule():
