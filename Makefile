@@ -4,21 +4,25 @@ RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install corpus train test lint bench
+.PHONY: install corpus train test lint bench slurm-test
 
 install:
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build from the local wheel, never a CUDA build from the registry.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test,wandb]"
+	$(PY) -m pip install --quiet -e ".[test,wandb,mpi]"
 	$(MAKE) corpus
 
 corpus:
 	$(PY) -m moetron.data.corpus data/corpus
 
+# The embedded distributed default: 4 CPU processes acting as 2 nodes x 2 ranks (parallel/cpu_2x2.yaml):
+# DualPipe pp=2 x ZeRO-1 dp=2, EP=2 across the two nodes with node-limited routing, MTP on. One thread per
+# rank; micro-batches of 1 sequence so each replica has the >= 2 x pp micro-batches DualPipe needs.
 train:
-	OMP_NUM_THREADS=2 $(PY) -m moetron.train run.dir=$(RUN_DIR) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=4 -m moetron.train \
+		parallel=cpu_2x2 train.micro_batch_size=1 run.dir=$(RUN_DIR) $(ARGS)
 
 test:
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -31,3 +35,10 @@ bench:
 	OMP_NUM_THREADS=1 $(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/pipeline_schedules.py
 	$(PY) benchmarks/ep_dispatch.py
+
+# A real two-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing), the Slurm
+# tests on it (opt-in: `make test` skips them), then the cluster is stopped whatever the result.
+slurm-test:
+	slurm/local-cluster.sh start
+	SLURM_CONF=/tmp/moetron-slurm/slurm.conf MOETRON_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm tests/slurm $(PYTEST_ARGS); \
+		rc=$$?; slurm/local-cluster.sh stop; exit $$rc

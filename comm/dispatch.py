@@ -118,7 +118,7 @@ class Dispatcher:
         self._check(x, expert_ids, gates)
         ep = self.ep
         fmt = DispatchFormat(x.shape[1], expert_ids.shape[1], x.dtype, self.fp8)
-        self.stats.dispatch_calls += 1
+        self.stats.add_call("dispatch")
         with torch.no_grad():
             packed = fmt.pack(x.detach(), expert_ids, gates.detach(), ep.rank)
             dest = expert_ids.long() // self.experts_per_rank  # EP rank of every choice
@@ -171,7 +171,7 @@ class Dispatcher:
         if y.dim() != 2 or y.shape[0] != dispatched.x.shape[0]:
             raise ValueError(f"combine needs one row per dispatched row: y {tuple(y.shape)}, "
                              f"dispatched {dispatched.x.shape[0]} rows")
-        self.stats.combine_calls += 1
+        self.stats.add_call("combine")
         wire = self.combine_dtype or y.dtype
         with torch.no_grad():
             pending = dispatched.route.reverse([y.detach()], [wire], self.stats, "combine", async_op=True)

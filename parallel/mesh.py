@@ -1,6 +1,8 @@
 """The process mesh: PP x DP x TP ranks, EP carved from DP as in Megatron, and the node map.
 
-Rank order (TP fastest, then DP, then PP):  rank = (pp_index * dp + dp_index) * tp + tp_index.
+Rank order (TP fastest, then DP, then PP):  rank = (pp_index * dp + dp_index) * tp + tp_index;
+with order="tp-pp-dp" PP varies before DP (rank = (dp_index * pp + pp_index) * tp + tp_index), so the DP and
+EP groups of a stage span the nodes while a pipeline stays inside one.
   pp group    same (dp, tp) index, one rank per stage        (pipeline point-to-point)
   dp group    same (pp, tp) index: the ranks of one stage that see different tokens (dense-gradient
               all-reduce / ZeRO-1, and the load all-reduce of the bias update)
@@ -36,8 +38,11 @@ class MeshLayout:
     pp: int = 1
     ep: int = 1
     tp: int = 1
+    order: str = "tp-dp-pp"  # or "tp-pp-dp": rank = (dp_index * pp + pp_index) * tp + tp_index
 
     def __post_init__(self) -> None:
+        if self.order not in ("tp-dp-pp", "tp-pp-dp"):
+            raise invalid("parallel.rank_order", self.order, "tp-dp-pp | tp-pp-dp")
         for name in ("world_size", "ranks_per_node", "pp", "ep", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -75,12 +80,16 @@ class MeshLayout:
         return self.world_size // self.ranks_per_node
 
     def rank_of(self, pp: int, dp: int, tp: int = 0) -> int:
+        if self.order == "tp-pp-dp":
+            return (dp * self.pp + pp) * self.tp + tp
         return (pp * self.dp + dp) * self.tp + tp
 
     def coords(self, rank: int) -> dict[str, int]:
         """pp, dp, tp, ep, edp indices, node and local index of a global rank."""
         tp, rest = rank % self.tp, rank // self.tp
         dp, pp = rest % self.dp, rest // self.dp
+        if self.order == "tp-pp-dp":
+            pp, dp = rest % self.pp, rest // self.pp
         return dict(pp=pp, dp=dp, tp=tp, ep=dp % self.ep, edp=dp // self.ep,
                     node=rank // self.ranks_per_node, local=rank % self.ranks_per_node)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from moetron.config.errors import invalid
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")  # fastest-varying index first
 
 
 @dataclass
@@ -15,7 +16,16 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (1: none, as in the DeepSeek-V3 production layout)
     schedule: str = "1f1b"  # 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int = 0  # 0: the launcher's local world size (LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE)
-    overlap: bool = True  # overlap all-to-all with computation in F&B pairs
+    overlap: bool = True  # overlap all-to-all with computation in F&B pairs (when moetron.comm.overlap is there)
+    # tp-dp-pp: a stage's DP (and EP) ranks are neighbours, i.e. on one node when they fit (Megatron's order);
+    # tp-pp-dp: the pipeline ranks are neighbours, so DP/EP groups span the nodes (the SPEC §3 layout:
+    # EP across nodes, e.g. 4 ranks = 2 nodes x 2 with DualPipe pp=2 and EP 2 over both nodes).
+    rank_order: str = "tp-dp-pp"
+    zero1: bool = True  # shard the AdamW state (moments) over the data-parallel replicas (ZeRO stage 1)
+    # Memory savings of SPEC §3 (distributed trainer):
+    recompute: bool = False  # recompute every RMSNorm and the MLA up-projections in backward
+    ema: bool = False  # keep an exponential moving average of the weights in CPU memory (saved in checkpoints)
+    ema_decay: float = 0.999
 
     @property
     def world_size(self) -> int:
@@ -31,5 +41,9 @@ def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> Non
     if parallel.dp % parallel.ep:
         raise invalid(f"{prefix}.ep", parallel.ep, f"a divisor of parallel.dp ({parallel.dp})",
                       "Expert-parallel groups are carved from the data-parallel ranks.")
+    if not 0.0 <= parallel.ema_decay < 1.0:
+        raise invalid(f"{prefix}.ema_decay", parallel.ema_decay, "a number in [0, 1)")
+    if parallel.rank_order not in RANK_ORDERS:
+        raise invalid(f"{prefix}.rank_order", parallel.rank_order, " | ".join(RANK_ORDERS))
     if parallel.schedule not in SCHEDULES:
         raise invalid(f"{prefix}.schedule", parallel.schedule, " | ".join(SCHEDULES))

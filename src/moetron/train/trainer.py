@@ -64,11 +64,12 @@ class Trainer:
             from moetron.fp8.convert import convert_to_fp8
 
             convert_to_fp8(self.model, config.fp8.backend, config.fp8.power_of_two_scales)
-        self.optimizer = MasterAdamW(self.model.named_parameters(), config.train.optim)
-        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints)
-        self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
-        self.expert_loads = JsonLines(self.run_dir / "expert_load.jsonl")
-        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.setup_parallel()
+        self.optimizer = self.build_optimizer()
+        self.checkpoints = self.build_checkpoints()
+        self.metrics = self.log_file(JsonLines, "metrics.jsonl")
+        self.expert_loads = self.log_file(JsonLines, "expert_load.jsonl")
+        self.events = self.log_file(EventLog, "events.jsonl")
         self.detector = SpikeDetector(config.monitor.spike)
         fired = {(e["step"], e["kind"]) for e in self.events.read() if e["event"] == "fault"}
         self.faults = FaultInjector(config.monitor.faults, fired,
@@ -78,6 +79,56 @@ class Trainer:
         self.stop_signal: str | None = None  # set by SIGUSR1/SIGTERM: finish the step, checkpoint, exit
         self.state = TrainState()
 
+    # ------------------------------------------------- what a distributed trainer replaces (train/distributed.py)
+    is_writer = True  # the one process that writes metrics, events, config.yaml and shows the progress bar
+
+    def setup_parallel(self) -> None:
+        """Split the model over the ranks; nothing to do on one process."""
+
+    def build_optimizer(self):
+        return MasterAdamW(self.model.named_parameters(), self.cfg.train.optim)
+
+    def build_checkpoints(self):
+        return CheckpointStore(self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints)
+
+    def log_file(self, kind, name: str):
+        return kind(self.run_dir / name)
+
+    def barrier(self) -> None:
+        """Wait for every rank (one process: nothing to wait for)."""
+
+    def moe_layers(self) -> list:
+        return self.model.moe_layers()
+
+    def clip_gradients(self) -> float:
+        clip = self.cfg.train.optim.grad_clip or float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+
+    def moe_statistics(self, micro_batches: int) -> tuple[float, list[torch.Tensor]]:
+        """The step's balance loss (summed over layers, mean over micro-batches) and each MoE layer's
+        expert loads over the whole batch."""
+        moe_layers = self.moe_layers()
+        bal_loss = sum(moe.balance_loss_sum.item() for moe in moe_layers) / micro_batches
+        return bal_loss, [moe.tokens_per_expert.clone() for moe in moe_layers]
+
+    def update_biases(self, loads: list[torch.Tensor], gamma: float) -> None:
+        for moe, load in zip(self.moe_layers(), loads):  # aux-loss-free balancing, after the optimizer step
+            moe.update_bias(load, gamma)
+
+    def bias_table(self) -> torch.Tensor | None:
+        moe_layers = self.moe_layers()
+        return torch.cat([moe.gate.e_score_correction_bias for moe in moe_layers]) if moe_layers else None
+
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None
+
+    def after_update(self) -> None:
+        """Runs after each applied optimizer step (the distributed trainer updates its weight EMA here)."""
+
+    def batch_size(self) -> int:
+        """Sequences in this step (the ramp of SPEC §2)."""
+        return schedules.batch_size(self.cfg.train, self.state.tokens)
+
     # ----------------------------------------------------------------------------------------- set-up
     def save_every(self) -> int:
         return self.cfg.run.save_every or max(1, self.cfg.train.steps // 4)
@@ -86,9 +137,12 @@ class Trainer:
         """Create the run directory, or resume from its newest complete checkpoint."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_model()
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        for stale in self.checkpoints.remove_stale():
-            self.events.event("checkpoint_discarded", self.state.step, path=str(stale), reason="never published")
+        self.barrier()  # every rank has compared against the saved config before the writer replaces it
+        if self.is_writer:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            for stale in self.checkpoints.remove_stale():
+                self.events.event("checkpoint_discarded", self.state.step, path=str(stale), reason="never published")
+        self.barrier()
         loaded = self.checkpoints.load_latest(self.model, self.optimizer)
         if loaded is None:
             self._truncate_logs(0)
@@ -100,7 +154,7 @@ class Trainer:
             self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
             self.events.event("resume", self.state.step, pid=os.getpid(), checkpoint=str(loaded.path),
                               restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
-        if self.cfg.monitor.wandb and self.cfg.monitor.wandb_mode != "disabled":
+        if self.is_writer and self.cfg.monitor.wandb and self.cfg.monitor.wandb_mode != "disabled":
             from moetron.monitor.wandb_sink import WandbSink
 
             self.sink = WandbSink(self.cfg.monitor, self.run_dir, OmegaConf.to_container(OmegaConf.structured(self.cfg)))
@@ -151,18 +205,14 @@ class Trainer:
         train, state = self.cfg.train, self.state
         step = state.step + 1
         self.faults.crash(step)
-        batch_size = schedules.batch_size(train, state.tokens)
+        batch_size = self.batch_size()
         mtp_lambda = schedules.mtp_lambda(train, state.tokens)
         batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
         batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
         sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
 
-        clip = train.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        moe_layers = self.model.moe_layers()
-        micro_batches = batch_size // train.micro_batch_size
-        bal_loss = sum(moe.balance_loss_sum.item() for moe in moe_layers) / micro_batches
-        loads = [moe.tokens_per_expert.clone() for moe in moe_layers]
+        grad_norm = self.clip_gradients()
+        bal_loss, loads = self.moe_statistics(batch_size // train.micro_batch_size)
         loss = sums["loss"] + bal_loss
         action = self.decide(step, self.detector.judge(step, loss, grad_norm), loss, grad_norm)
 
@@ -171,15 +221,15 @@ class Trainer:
         if action == "apply":
             self.optimizer.set_lr(lr)
             self.optimizer.step()
-            for moe, load in zip(moe_layers, loads):  # aux-loss-free balancing, after the optimizer step
-                moe.update_bias(load, gamma)
+            self.update_biases(loads, gamma)
+            self.after_update()
             state.tokens += batch_size * train.seq_len
         self.optimizer.zero_grad(set_to_none=True)
-        for moe in moe_layers:
+        for moe in self.moe_layers():
             moe.reset_stats()
         state.step = step
         state.sequences += batch_size
-        biases = torch.cat([moe.gate.e_score_correction_bias for moe in moe_layers]) if moe_layers else None
+        biases = self.bias_table()
         record = {
             "step": step, "loss": loss, "lm_loss": sums["lm_loss"], "mtp_loss": sums["mtp_loss"],
             "bal_loss": bal_loss, "grad_norm": grad_norm, "lr": lr, "batch_size": batch_size,
@@ -268,9 +318,10 @@ class Trainer:
         cfg = self.cfg
         total = cfg.train.steps
         if self.state.step >= total:
-            print(f"moetron: {self.run_dir} already trained {self.state.step} steps (train.steps={total}).")
+            if self.is_writer:
+                    print(f"moetron: {self.run_dir} already trained {self.state.step} steps (train.steps={total}).")
             return None
-        bar = tqdm(total=total, initial=self.state.step, disable=not cfg.run.progress, unit="step",
+        bar = tqdm(total=total, initial=self.state.step, disable=not (cfg.run.progress and self.is_writer), unit="step",
                    dynamic_ncols=True, desc="train")
         record, window_tokens, window_start = None, 0, time.perf_counter()
         while self.state.step < total:
@@ -296,7 +347,7 @@ class Trainer:
             if saved:
                 self.save()
             bar.update(1)
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 return self.preempt(record, saved, bar)
         bar.close()
         self.events.event("finish", self.state.step)
@@ -336,7 +387,7 @@ class Trainer:
             figure.clf()
 
     def finish(self) -> None:
-        if self.cfg.monitor.report:
+        if self.cfg.monitor.report and self.is_writer:
             from moetron.report import draw_report
 
             draw_report(self.run_dir, self.run_dir / "report.png")

@@ -1,0 +1,401 @@
+"""How much of the expert-parallel all-to-all does overlapped F&B hide?
+
+One pipeline stage = one Transformer block with a DeepSeekMoE layer whose experts are sharded over every
+rank (nodes x ranks_per_node processes on this machine acting as nodes; two-hop dispatch across them).
+Each iteration runs the forward of micro-batch b (untimed), then times the F&B pair (forward of micro-batch
+a, backward of b) two ways: sequential (forward, then backward) and overlapped
+(moetron.comm.overlap.overlapped_forward_backward). In the sequential run every collective is recorded:
+  t_comm     the time the ranks spent blocked in all-to-alls (the all-to-all alone: nothing else runs),
+  t_compute  the rest of the sequential pair (the compute alone),
+  t_overlap  the overlapped pair,
+  efficiency (t_compute + t_comm - t_overlap) / min(t_compute, t_comm): 1 = the smaller one fully hidden.
+Times are per iteration the maximum over ranks, then the median over iterations.
+
+Two transports: gloo as is (on CPU it moves bytes with the same cores that compute, so little can hide),
+and the link model (comm/link_model.py: NVLink 160 GB/s and IB 50 GB/s per rank, latency, both scaled by
+one factor; by default it is picked so the modelled communication of a pair is --comm-ratio times its
+measured compute). The same script runs on GPUs with NCCL (one GPU per rank) when torch.cuda.is_available().
+
+Writes benchmarks/results/overlap.json, a flat JSON object:
+  nodes, ranks_per_node, tokens, hidden, experts, top_k, moe_intermediate, mode, iters, comm_ratio, device,
+  backend
+  cpu_count, load_average           the machine's cores and its 1-minute load (other processes time-slice ours)
+  link_scale, link_intra_gbps, link_inter_gbps, link_latency_us        the link model used (scaled)
+  <t>_compute_ms, <t>_comm_ms, <t>_sequential_ms, <t>_overlapped_ms    t in gloo, link_model
+  <t>_cpu_sequential_ms, <t>_cpu_overlapped_ms                         CPU time of a rank's process per pair
+                                        (all its threads; equal work, so wall time beyond it is waiting or
+                                        other processes holding the cores)
+  <t>_cpu_bound_ms                      ranks x cpu_overlapped / cpu_count: the shortest overlapped pair the
+                                        cores allow (CPU only; 0 on GPUs)
+  overlap_efficiency_<t>_ceiling        the efficiency with t_overlap at max(that bound, t_compute, t_comm)
+  overlap_efficiency_gloo, overlap_efficiency_link_model              the headline figures
+  step_ratio_gloo, step_ratio_link_model                              overlapped / sequential F&B time
+  dualpipe_<t>_sequential_ms, dualpipe_<t>_overlapped_ms, dualpipe_step_ratio_<t>
+                                        a whole DualPipe step (PP 2 x EP over the rest, --dualpipe-microbatches,
+                                        one MoE block per stage) with sequential vs overlapped F&B
+and benchmarks/results/overlap.png (per-rank timeline of the sub-steps of one overlapped pair, link model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from moetron.comm import new_ep_groups, world_ep_group
+from moetron.comm.intercept import Recorder, recording, use_link_model
+from moetron.comm.link_model import LinkModel
+from moetron.comm.overlap import enable_overlap, overlapped_forward_backward, sequential_forward_backward
+from moetron.parallel.actions import Action, Op
+from moetron.parallel.executor import BackwardJob, ForwardJob
+from moetron.parallel.local import run_local
+from moetron.parallel.weight_grad import ChunkBackward
+from torch import nn
+
+from moetron.config import ModelConfig
+from moetron.model.block import Block
+from moetron.model.moe_ep import apply_expert_parallel
+from moetron.model.rope import rope_cos_sin
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ = 64
+
+
+def model_config(args) -> ModelConfig:
+    heads = max(1, args.hidden // 64)
+    cfg = ModelConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=1,
+        first_k_dense_replace=0, num_attention_heads=heads, q_lora_rank=args.hidden // 2,
+        kv_lora_rank=args.hidden // 4, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        n_routed_experts=args.experts, n_shared_experts=1, moe_intermediate_size=args.moe_intermediate,
+        num_experts_per_tok=args.top_k, n_group=args.nodes, topk_group=args.max_nodes,
+        num_nextn_predict_layers=0, max_position_embeddings=max(256, SEQ),
+    )
+    cfg.validate()
+    return cfg
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep, mode: str, device):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.block = Block(cfg, moe=True)
+        for p in self.block.parameters():
+            nn.init.normal_(p, std=0.05)
+        apply_expert_parallel(self, ep, mode)
+        self.to(device)
+
+    def forward(self, h):
+        cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), self.cfg.qk_rope_head_dim,
+                                self.cfg.rope_theta, self.cfg.rope_scaling)
+        return self.block(h, cos, sin)
+
+
+def loss_fn(out, target):
+    return ((out.float() - target) ** 2).mean()
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        ep = world_ep_group(args.ranks_per_node)
+        enable_overlap(ep, [list(range(dist.get_world_size()))], args.ranks_per_node)
+        self.stage = Stage(model_config(args), ep, args.mode, device)
+        self.batch = max(1, args.tokens // SEQ)
+        self.step = 0
+
+    def micro_batch(self):
+        self.step += 1
+        g = torch.Generator().manual_seed(1000 * dist.get_rank() + self.step)
+        shape = (self.batch, SEQ, self.args.hidden)
+        return (torch.randn(shape, generator=g).to(self.device).requires_grad_(),
+                torch.randn(shape, generator=g).to(self.device))
+
+    def pair(self, hook, recorder: Recorder):
+        """One timed F&B pair; returns (seconds, seconds blocked in collectives) on this rank."""
+        x_b, t_b = self.micro_batch()
+        loss_b = loss_fn(self.stage(x_b), t_b)
+        backward = BackwardJob(Action(Op.BW, 0, 0), self.stage, ChunkBackward(
+            torch.autograd.graph.get_gradient_edge(loss_b), torch.ones_like(loss_b), [x_b]))
+        x_a, t_a = self.micro_batch()
+        forward = ForwardJob(Action(Op.F, 1, 0), self.stage, x_a, loss_fn, t_a)
+        for job, label in ((forward, "F"), (backward, "B")):
+            job.run = _marked(job.run, recorder, label)
+        sync(self.device)
+        dist.barrier()
+        first = len(recorder.spans)
+        cpu, start = time.process_time(), time.perf_counter()
+        hook(forward, backward)
+        sync(self.device)
+        spent = time.perf_counter() - start
+        self.cpu = time.process_time() - cpu
+        blocked = sum(s.end - s.start for s in recorder.spans[first:] if s.kind == "wait")
+        self.stage.zero_grad(set_to_none=True)
+        return spent, blocked, start
+
+    def measure(self, iters: int, recorder: Recorder) -> dict:
+        """Sequential and overlapped pairs, alternating (so a change in machine load hits both alike).
+        Per iteration the max over ranks; returns the medians (seconds) and the last overlapped start."""
+        seq, blocked, ovl, cpu_s, cpu_o, start = [], [], [], [], [], 0.0
+        for it in range(iters + 1):  # the first is a warm-up
+            spent_s, waited, _ = self.pair(sequential_forward_backward, recorder)
+            cpu_seq = self.cpu
+            spent_o, _, start = self.pair(overlapped_forward_backward, recorder)
+            both = torch.tensor([spent_s, waited, spent_o, cpu_seq, self.cpu], dtype=torch.float64)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            if it:
+                for values, x in zip((seq, blocked, ovl, cpu_s, cpu_o), both.tolist()):
+                    values.append(x)
+        med = statistics.median
+        return dict(sequential=med(seq), comm=med(blocked), overlapped=med(ovl), cpu_sequential=med(cpu_s),
+                    cpu_overlapped=med(cpu_o), start=start)
+
+
+def dualpipe_steps(args, device, link: LinkModel) -> dict:
+    """DualPipe over PP 2 (rank pairs 2i, 2i+1) x EP (ranks of one pipeline position, across nodes): median
+    seconds of a step with sequential and with overlapped F&B (alternating), gloo and link model."""
+    from moetron.parallel.executor import PipelineExecutor
+    from moetron.parallel.schedules import build_schedule
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pp_groups = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]
+    partition = [list(range(j, world, 2)) for j in range(2)]
+    ep = new_ep_groups(partition, args.ranks_per_node)
+    enable_overlap(ep, partition, args.ranks_per_node)
+    cfg = model_config(args)
+    schedule = build_schedule("dualpipe", 2, args.dualpipe_microbatches)
+    pp_group = pp_groups[rank // 2]
+    stages = {sid: Stage(cfg, ep, args.mode, device) for sid in schedule.stages_of(dist.get_rank(pp_group))}
+    batch = max(1, args.tokens // SEQ) * args.dualpipe_microbatches
+    g = torch.Generator().manual_seed(rank // 2)
+    inputs = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
+    targets = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
+    executors = [PipelineExecutor(schedule, stages, loss_fn, group=pp_group, forward_backward=hook)
+                 for hook in (sequential_forward_backward, overlapped_forward_backward)]
+    out = {}
+    for name, model in (("gloo", None), ("link_model", link)):
+        times: list[list[float]] = [[], []]
+        with use_link_model(model):
+            for it in range(args.dualpipe_steps + 1):
+                spent = []
+                for executor in executors:
+                    for m in stages.values():
+                        m.zero_grad(set_to_none=True)
+                    sync(device)
+                    dist.barrier()
+                    start = time.perf_counter()
+                    executor.step(inputs, targets)
+                    sync(device)
+                    spent.append(time.perf_counter() - start)
+                both = torch.tensor(spent, dtype=torch.float64)
+                dist.all_reduce(both, op=dist.ReduceOp.MAX)
+                if it:
+                    times[0].append(both[0].item())
+                    times[1].append(both[1].item())
+        out[name] = (statistics.median(times[0]), statistics.median(times[1]))
+    return out
+
+
+def _marked(run, recorder: Recorder, label: str):
+    def wrapped():
+        recorder.mark(f"{label} start")
+        try:
+            return run()
+        finally:
+            recorder.mark(f"{label} end")
+    return wrapped
+
+
+def gathered(recorder: Recorder, since: float) -> list:
+    spans = [(s.rank, s.role, s.kind, s.start, s.end, s.what) for s in recorder.spans if s.start >= since]
+    marks = [m for m in recorder.marks if m[3] >= since]
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, (spans, marks))
+    return everything
+
+
+def worker(rank: int, world: int, args, raw_path: str) -> None:
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    bench = Bench(args, device)
+    out: dict = {}
+    recorder = Recorder()
+    with recording(recorder):
+        # gloo / NCCL as is
+        out["gloo"] = bench.measure(args.iters, recorder)
+        # link model: calibrate the scale so that modelled communication ~ measured compute
+        compute = out["gloo"]["sequential"] - out["gloo"]["comm"]
+        scale = args.link_scale
+        if scale is None:
+            probe = LinkModel(args.ranks_per_node, latency_s=0.0)
+            with use_link_model(probe):
+                bench.pair(sequential_forward_backward, recorder)
+            modelled = torch.tensor([probe.modelled_s], dtype=torch.float64)
+            dist.all_reduce(modelled, op=dist.ReduceOp.MAX)
+            scale = modelled.item() / max(args.comm_ratio * compute, 1e-6)
+        link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
+        with use_link_model(link):
+            out["link_model"] = bench.measure(args.iters, recorder)
+        out["link"] = dict(scale=scale, intra_gbps=link.intra_gbps * scale, inter_gbps=link.inter_gbps * scale,
+                           latency_us=args.latency_us)
+        timeline = gathered(recorder, out["link_model"]["start"] - 1e-3)
+    if args.dualpipe_steps and dist.get_world_size() % 2 == 0:
+        out["dualpipe"] = dualpipe_steps(args, device, link)
+    if rank == 0:
+        out["timeline"] = timeline
+        out["device"] = str(device.type)
+        out["backend"] = dist.get_backend()
+        Path(raw_path).write_text(json.dumps(out))
+
+
+def efficiency(t: dict) -> tuple[float, float]:
+    compute = t["sequential"] - t["comm"]
+    return (compute + t["comm"] - t["overlapped"]) / max(min(compute, t["comm"]), 1e-9), compute
+
+
+def plot(raw: dict, result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = raw["timeline"]
+    t0 = min(m[3] for _, marks in ranks for m in marks if m[2].endswith("start"))
+    colors = {"dispatch": "#cc6633", "combine": "#3377aa", "combine-bwd": "#ee9966", "dispatch-bwd": "#77aadd",
+              "counts": "#999999", "other": "#999999"}
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.9 * len(ranks)))
+    yticks, ylabels = [], []
+    for r, (spans, marks) in enumerate(ranks):
+        for j, role in enumerate(("F", "B")):
+            y = (len(ranks) - 1 - r) * 2.4 + (1 - j) * 1.1
+            yticks.append(y + 0.4)
+            ylabels.append(f"rank {r} {'forward' if role == 'F' else 'backward'}")
+            begin = [m[3] for m in marks if m[1] == role and m[2].endswith("start")]
+            end = [m[3] for m in marks if m[1] == role and m[2].endswith("end")]
+            if not begin or not end:
+                continue
+            waits = sorted((s[3], s[4]) for s in spans if s[1] == role and s[2] in ("wait", "token"))
+            cursor = begin[-1]
+            for a, b in waits + [(end[-1], end[-1])]:  # compute = the thread's time outside waits
+                if a > cursor:
+                    ax.broken_barh([(1e3 * (cursor - t0), 1e3 * (a - cursor))], (y + 0.45, 0.4),
+                                   color="#55aa55" if role == "F" else "#aa55aa")
+                cursor = max(cursor, b)
+            for s in spans:
+                if s[1] == role and s[2] == "comm":
+                    ax.broken_barh([(1e3 * (s[3] - t0), 1e3 * (s[4] - s[3]))], (y, 0.4), color=colors.get(s[5], "#999"))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#55aa55", "#aa55aa")] + \
+        [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in ("dispatch", "combine", "combine-bwd", "dispatch-bwd",
+                                                               "counts")]
+    ax.legend(handles, ["forward compute", "backward compute", "dispatch", "combine", "combine bwd (dispatch of grads)",
+                        "dispatch bwd (combine of grads)", "count exchange"], fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.22), ncol=4)
+    ax.set_yticks(yticks)
+    ax.set_yticklabels(ylabels, fontsize=8)
+    ax.set_xlabel("ms since the pair started (upper bar: computing, not waiting for a transfer or for the other "
+                  "side's turn; lower bar: all-to-all issue -> done)")
+    ax.set_title(f"Overlapped F&B of one MoE block, {result['nodes']} nodes x {result['ranks_per_node']} ranks, "
+                 f"link model: efficiency {result['overlap_efficiency_link_model']:.2f}, "
+                 f"step ratio {result['step_ratio_link_model']:.2f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--ranks-per-node", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per micro-batch per rank")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--max-nodes", type=int, default=2, help="M: nodes a token may reach")
+    parser.add_argument("--moe-intermediate", type=int, default=256)
+    parser.add_argument("--mode", choices=("flat", "two_hop"), default="two_hop")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--link-scale", type=float, default=None,
+                        help="bandwidth scale of the link model (default: modelled comm = measured compute)")
+    parser.add_argument("--comm-ratio", type=float, default=1.0,
+                        help="with the automatic scale: modelled communication / measured compute of a pair")
+    parser.add_argument("--latency-us", type=float, default=50.0, help="link model latency per transfer")
+    parser.add_argument("--dualpipe-steps", type=int, default=3,
+                        help="timed DualPipe steps (PP 2 x EP) with and without overlap; 0: skip")
+    parser.add_argument("--dualpipe-microbatches", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=500.0)
+    parser.add_argument("--out", default=str(RESULTS / "overlap.json"))
+    args = parser.parse_args(argv)
+    world = args.nodes * args.ranks_per_node
+    if args.experts % world or args.experts % args.nodes or args.top_k % args.max_nodes:
+        parser.error("experts must divide by nodes x ranks_per_node, and top-k by max-nodes")
+    if args.hidden % 64:
+        parser.error("hidden must be a multiple of 64")
+
+    raw_path = Path(args.out).with_suffix(".raw.json")
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        parser.error(f"NCCL needs one GPU per rank: {world} ranks, {torch.cuda.device_count()} GPUs visible "
+                     "(fewer --nodes / --ranks-per-node, or CUDA_VISIBLE_DEVICES= to run on CPU with gloo)")
+    load_before = os.getloadavg()[0]
+    run_local(worker, world, args=(args, str(raw_path)), timeout=args.timeout, backend=backend)
+    raw = json.loads(raw_path.read_text())
+    raw_path.unlink()
+
+    result = dict(nodes=args.nodes, ranks_per_node=args.ranks_per_node, tokens=args.tokens, hidden=args.hidden,
+                  experts=args.experts, top_k=args.top_k, moe_intermediate=args.moe_intermediate, mode=args.mode,
+                  iters=args.iters, comm_ratio=args.comm_ratio, device=raw["device"], backend=raw["backend"],
+                  link_scale=raw["link"]["scale"], link_intra_gbps=raw["link"]["intra_gbps"],
+                  link_inter_gbps=raw["link"]["inter_gbps"], link_latency_us=raw["link"]["latency_us"],
+                  cpu_count=os.cpu_count(), load_average=max(load_before, os.getloadavg()[0]))
+    world = args.nodes * args.ranks_per_node
+    for name in ("gloo", "link_model"):
+        t = raw[name]
+        eff, compute = efficiency(t)
+        # The cores bound the overlapped pair: every rank's CPU work (compute, and the bytes gloo moves) fits
+        # on cpu_count cores at best. The efficiency the cores allow, with that bound for t_overlap:
+        bound = world * t["cpu_overlapped"] / (os.cpu_count() or 1) if raw["device"] == "cpu" else 0.0
+        best = max(bound, compute, t["comm"])
+        result[f"{name}_cpu_bound_ms"] = 1e3 * bound
+        result[f"overlap_efficiency_{name}_ceiling"] = (t["sequential"] - best) / max(min(compute, t["comm"]), 1e-9)
+        result.update({f"{name}_compute_ms": 1e3 * compute, f"{name}_comm_ms": 1e3 * t["comm"],
+                       f"{name}_sequential_ms": 1e3 * t["sequential"], f"{name}_overlapped_ms": 1e3 * t["overlapped"],
+                       f"{name}_cpu_sequential_ms": 1e3 * t["cpu_sequential"],
+                       f"{name}_cpu_overlapped_ms": 1e3 * t["cpu_overlapped"],
+                       f"overlap_efficiency_{name}": eff, f"step_ratio_{name}": t["overlapped"] / t["sequential"]})
+    for name, (seq, ovl) in raw.get("dualpipe", {}).items():
+        result.update({f"dualpipe_{name}_sequential_ms": 1e3 * seq, f"dualpipe_{name}_overlapped_ms": 1e3 * ovl,
+                       f"dualpipe_step_ratio_{name}": ovl / seq})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    plot(raw, result, Path(args.out).with_suffix(".png"))
+    for name in ("gloo", "link_model"):
+        print(f"{name:>10}: compute {result[f'{name}_compute_ms']:.1f} ms, all-to-all {result[f'{name}_comm_ms']:.1f} ms, "
+              f"sequential {result[f'{name}_sequential_ms']:.1f} ms, overlapped {result[f'{name}_overlapped_ms']:.1f} ms")
+    print(f"CPU bound on the overlapped pair: gloo {result['gloo_cpu_bound_ms']:.1f} ms, link model "
+          f"{result['link_model_cpu_bound_ms']:.1f} ms (efficiency ceilings {result['overlap_efficiency_gloo_ceiling']:.2f}"
+          f", {result['overlap_efficiency_link_model_ceiling']:.2f})")
+    if "dualpipe_step_ratio_link_model" in result:
+        print(f"DualPipe step (PP 2 x EP {world // 2}, {args.dualpipe_microbatches} micro-batches), overlapped / sequential: "
+              f"gloo {result['dualpipe_step_ratio_gloo']:.3f}, link model {result['dualpipe_step_ratio_link_model']:.3f}")
+    print(f"overlap_efficiency_gloo {result['overlap_efficiency_gloo']:.3f}  "
+          f"overlap_efficiency_link_model {result['overlap_efficiency_link_model']:.3f}  "
+          f"step_ratio_link_model {result['step_ratio_link_model']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

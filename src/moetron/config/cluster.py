@@ -1,0 +1,84 @@
+"""Typed configuration of a Slurm cluster (hydra_conf/cluster/*.yaml), used by `python -m moetron.slurm`.
+
+`SlurmJobConfig` is the root schema of hydra_conf/slurm.yaml: the whole training config plus `cluster`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from moetron.config import MoetronConfig
+from moetron.config.errors import invalid
+
+LAUNCHERS = ("torchrun", "srun")  # torchrun: one srun task per node; srun: one srun task per rank
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    partition: str = ""  # sbatch --partition ("" leaves the cluster default)
+    account: str = ""  # sbatch --account
+    qos: str = ""  # sbatch --qos
+    nodes: int = 1
+    gpus_per_node: int = 0  # GPUs requested per node (--gpus-per-node); 0 on CPU clusters
+    ranks_per_node: int = 0  # processes per node; 0: gpus_per_node (one rank per GPU), or 1 without GPUs
+    cpus_per_rank: int = 1  # --cpus-per-task (per rank; per node x ranks for the torchrun launcher)
+    mem: str = ""  # --mem per node, e.g. 200G ("" leaves the default)
+    time: str = "01:00:00"  # --time limit
+    launcher: str = "torchrun"  # torchrun | srun
+    job_name: str = "moetron"
+    signal_seconds: int = 300  # --signal=B:USR1@N: warn the batch shell N seconds before the time limit
+    requeue: bool = True  # --requeue, and requeue the job when the trainer exits 75 (checkpointed, stopped)
+    max_requeues: int = 20  # stop requeueing after this many restarts (SLURM_RESTART_COUNT)
+    log_dir: str = "slurm-logs"  # batch log <log_dir>/<job>-<id>.out; per-rank logs in <log_dir>/<id>/
+    workdir: str = ""  # directory the job runs in ("" : where sbatch was run)
+    python: str = "python"  # interpreter on the compute nodes (e.g. /shared/moetron/.venv/bin/python)
+    module: str = "moetron.train"  # what every rank runs: python -m <module> <training overrides>
+    rdzv_port: int = 29500  # rendezvous / MASTER_PORT base; the job id is added to avoid clashes
+    script: str = ""  # where `render` writes the sbatch script ("" : <log_dir>/<job_name>.sbatch)
+    nccl: bool = True  # export NCCL/CUDA settings (CUDA_DEVICE_MAX_CONNECTIONS=1, NCCL async errors, ...)
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, source venv, ...)
+    sbatch_extra: list[str] = field(default_factory=list)  # extra sbatch options, e.g. "--exclusive"
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
+
+    @property
+    def rpn(self) -> int:
+        """Ranks per node, resolved."""
+        if self.ranks_per_node:
+            return self.ranks_per_node
+        return self.gpus_per_node or 1
+
+
+@dataclass
+class SlurmJobConfig(MoetronConfig):
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def validate_cluster(c: ClusterConfig, prefix: str = "cluster") -> None:
+    for name in ("nodes", "cpus_per_rank"):
+        if getattr(c, name) < 1:
+            raise invalid(f"{prefix}.{name}", getattr(c, name), "a positive integer")
+    for name in ("gpus_per_node", "ranks_per_node", "signal_seconds", "max_requeues"):
+        if getattr(c, name) < 0:
+            raise invalid(f"{prefix}.{name}", getattr(c, name), "an integer >= 0")
+    if c.launcher not in LAUNCHERS:
+        raise invalid(f"{prefix}.launcher", c.launcher, " | ".join(LAUNCHERS))
+    if c.gpus_per_node and c.ranks_per_node and c.ranks_per_node != c.gpus_per_node:
+        raise invalid(f"{prefix}.ranks_per_node", c.ranks_per_node,
+                      f"0 or cluster.gpus_per_node ({c.gpus_per_node})", "Each rank drives one GPU.")
+    if not _TIME.match(c.time):
+        raise invalid(f"{prefix}.time", c.time, "a Slurm time such as 30, 04:00:00 or 2-00:00:00")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", c.job_name):
+        raise invalid(f"{prefix}.job_name", c.job_name, "letters, digits and _ . + -")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", c.module):
+        raise invalid(f"{prefix}.module", c.module, "a Python module path such as moetron.train")
+    if not 1024 <= c.rdzv_port <= 45000:
+        raise invalid(f"{prefix}.rdzv_port", c.rdzv_port, "1024..45000 (the job id modulo 20000 is added)")
+    for key in c.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise invalid(f"{prefix}.env", key, "environment variable names (letters, digits, _)")
+    for line in c.sbatch_extra:
+        if not line.startswith("-") or "\n" in line:
+            raise invalid(f"{prefix}.sbatch_extra", line, "sbatch options such as '--exclusive' or '--constraint=a100'")

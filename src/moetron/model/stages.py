@@ -1,0 +1,155 @@
+"""Split a DeepSeekV3 into pipeline stages (applied from outside, as torchtitan does).
+
+Stage s holds a contiguous block of the Transformer layers; stage 0 also holds the embedding, the last
+stage the final norm, the output head and the MTP modules. Every parameter keeps its name in the full
+model (`layers.3.mlp.gate.weight`, `mtp.0.eh_proj.weight`), so state dicts of stages are slices of the
+full model's state dict and checkpoints do not depend on the split.
+
+The MTP modules embed the tokens t_{i+k}, so the last stage needs the embedding too: `share_embedding`
+makes it the very Parameter of stage 0 when one rank holds both ends (DualPipe, DualPipeV); otherwise the
+last stage keeps a copy whose gradient the trainer sums with stage 0's (as Megatron does for tied
+embeddings).
+
+The last stage returns a `LastStageOutput` (its hidden state and itself) rather than a tensor: the
+pipeline hands it to the loss function only, which calls `stage.losses(...)`, so the head and the MTP
+modules are parameters of the stage (their gradients are summed across DualPipe's two copies).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetron.config.errors import invalid
+from moetron.model.moe import MoE
+from moetron.model.mtp import shift_left
+from moetron.model.rope import rope_cos_sin
+from moetron.model.transformer import IGNORE_INDEX, DeepSeekV3, cross_entropy
+
+
+def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous, as even as possible; the first stages take the remainder."""
+    if num_layers < num_stages:
+        raise invalid("parallel.pp", num_stages,
+                      f"at most model.num_hidden_layers ({num_layers}) pipeline stages",
+                      "Every stage holds at least one Transformer layer (DualPipeV has 2 x pp stages).")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        n = base + (1 if s < extra else 0)
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
+
+
+@dataclass
+class LastStageOutput:
+    hidden: torch.Tensor
+    stage: PipelineStage
+
+
+class PipelineStage(nn.Module):
+    def __init__(self, model: DeepSeekV3, stage: int, num_stages: int, with_mtp_embedding: bool = True):
+        super().__init__()
+        self.cfg = model.cfg
+        self.stage, self.num_stages = stage, num_stages
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.layer_ids = list(layer_ranges(model.cfg.num_hidden_layers, num_stages)[stage])
+        needs_embedding = self.first or (self.last and len(model.mtp) > 0 and with_mtp_embedding)
+        if needs_embedding:
+            self.embed_tokens = copy.deepcopy(model.embed_tokens)
+        self.layers = nn.ModuleDict({str(i): copy.deepcopy(model.layers[i]) for i in self.layer_ids})
+        if self.last:
+            self.norm = copy.deepcopy(model.norm)
+            self.lm_head = copy.deepcopy(model.lm_head)
+            self.mtp = copy.deepcopy(model.mtp)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def rope(self, seq_len: int, device: torch.device):
+        positions = torch.arange(seq_len, device=device)
+        return rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+
+    def forward(self, x: torch.Tensor):
+        """Stage 0: tokens [B, S]; other stages: hidden [B, S, H]. Returns hidden, or on the last stage a
+        LastStageOutput for the loss function."""
+        h = self.embed_tokens(x) if self.first else x
+        cos, sin = self.rope(h.shape[1], h.device)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return LastStageOutput(h, self) if self.last else h
+
+    def losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
+        """The tail of DeepSeekV3.forward, op for op: (lm_loss, mtp_loss or None)."""
+        cos, sin = self.rope(tokens.shape[1], h.device)
+        h = self.norm(h)
+        lm_loss = cross_entropy(self.lm_head(h), labels)
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            h = module(h, self.embed_tokens(shift_left(tokens, k, fill=0)), cos, sin)
+            mtp_logits = self.lm_head(module.norm(h))
+            mtp_losses.append(cross_entropy(mtp_logits, shift_left(labels, k, fill=IGNORE_INDEX)))
+        mtp_loss = mtp_lambda * torch.stack(mtp_losses).mean() if mtp_losses else None
+        return lm_loss, mtp_loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+
+def split_stages(model: DeepSeekV3, num_stages: int, stages: list[int]) -> dict[int, PipelineStage]:
+    """Independent copies of the wanted stages (DualPipe holds a stage twice: call once per copy).
+    When both the first and the last stage are wanted, the last one's embedding IS the first one's."""
+    built = {s: PipelineStage(model, s, num_stages) for s in stages}
+    if 0 in built and num_stages - 1 in built and num_stages > 1 and hasattr(built[num_stages - 1], "embed_tokens"):
+        share_embedding(built[0], built[num_stages - 1])
+    return built
+
+
+def share_embedding(first: PipelineStage, last: PipelineStage) -> None:
+    """The MTP modules of `last` use `first`'s embedding Parameter itself (SPEC §3)."""
+    if hasattr(last, "embed_tokens"):
+        last.embed_tokens = first.embed_tokens
+
+
+def apply_selective_recompute(module: nn.Module) -> int:
+    """SPEC §3's selective recompute, applied from outside: every RMSNorm, and each MLA up-projection
+    together with the norm of its latent (q_a_layernorm -> q_b_proj, kv_a_layernorm -> kv_b_proj), run
+    under non-reentrant activation checkpointing, so backward recomputes them from their inputs instead of
+    keeping their FP32 intermediates and the normed latents. Parameter names do not change. Returns the
+    number of regions wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    from moetron.model.attention import MLA
+    from moetron.model.norm import RMSNorm
+
+    def recomputed(fn):
+        def forward(x):
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return fn(x)
+            return checkpoint(fn, x, use_reentrant=False)
+        return forward
+
+    fused = set()
+    count = 0
+    for m in module.modules():
+        if isinstance(m, MLA):
+            pairs = [("kv_a_layernorm", "kv_b_proj")] + ([("q_a_layernorm", "q_b_proj")] if m.compress_q else [])
+            for norm_name, proj_name in pairs:
+                norm, proj = getattr(m, norm_name), getattr(m, proj_name)
+                if id(norm) in fused:
+                    continue
+                norm_fwd, proj_fwd = norm.forward, proj.forward
+                norm.forward = lambda x: x  # folded into the projection's recomputed region
+                proj.forward = recomputed(lambda x, n=norm_fwd, p=proj_fwd: p(n(x)))
+                fused.add(id(norm))
+                count += 1
+    for m in module.modules():
+        if isinstance(m, RMSNorm) and id(m) not in fused:
+            m.forward = recomputed(m.forward)
+            fused.add(id(m))
+            count += 1
+    return count

@@ -1,0 +1,148 @@
+"""Compose, validate and render an sbatch script for a moetron run (no Slurm needed until `submit`)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+
+from omegaconf import OmegaConf
+
+from moetron.config.cluster import ClusterConfig, SlurmJobConfig, validate_cluster
+from moetron.config.errors import ConfigError
+
+TEMPLATES = {"srun": "srun.sbatch", "torchrun": "torchrun.sbatch"}
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def load(overrides: list[str]) -> SlurmJobConfig:
+    """hydra_conf/slurm.yaml + overrides -> the typed, validated config (ConfigError on a bad value).
+
+    config.yaml builds on `moetron_schema`; for this composition that name means SlurmJobConfig (the
+    training schema plus `cluster`), and MoetronConfig again afterwards, so the trainer's schema is untouched."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from moetron.config import MoetronConfig
+
+    store = ConfigStore.instance()
+    store.store(name="moetron_schema", node=SlurmJobConfig)
+    try:
+        with initialize_config_module("moetron.hydra_conf", version_base=None):
+            cfg = compose("slurm", overrides=list(overrides))
+        config: SlurmJobConfig = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split())
+        raise ConfigError(f"Invalid override or config: {message}") from None
+    finally:
+        store.store(name="moetron_schema", node=MoetronConfig)
+    config.validate()
+    validate_cluster(config.cluster)
+    return config
+
+
+def check_layout(config: SlurmJobConfig) -> dict:
+    """Does the parallel layout fit the cluster? Returns a summary; raises ConfigError naming the fields."""
+    from moetron.parallel.mesh import MeshLayout
+
+    c, p, m = config.cluster, config.parallel, config.model
+    rpn = c.rpn
+    world = p.pp * p.dp * p.tp
+    if c.nodes * rpn != world:
+        per_node = "cluster.ranks_per_node" if c.ranks_per_node or not c.gpus_per_node else "cluster.gpus_per_node"
+        options = []
+        if world % rpn == 0:
+            options.append(f"cluster.nodes={world // rpn}")
+        if (c.nodes * rpn) % (p.pp * p.tp) == 0:
+            options.append(f"parallel.dp={c.nodes * rpn // (p.pp * p.tp)}")
+        hint = " or ".join(options) if options else f"a world size that is a multiple of {rpn}"
+        raise ConfigError(
+            f"Invalid layout: cluster.nodes ({c.nodes}) x {per_node} ({rpn}) = {c.nodes * rpn} ranks, but "
+            f"parallel.pp x parallel.dp x parallel.tp = {p.pp} x {p.dp} x {p.tp} = {world}. Valid: the same "
+            f"number, e.g. {hint}.")
+    if p.ranks_per_node and p.ranks_per_node != rpn:
+        raise ConfigError(
+            f"Invalid value for `parallel.ranks_per_node`: {p.ranks_per_node}. The cluster runs {rpn} ranks per "
+            f"node ({'cluster.ranks_per_node' if c.ranks_per_node else 'cluster.gpus_per_node'}). Valid: 0 (taken "
+            f"from the launcher) or {rpn}.")
+    order = {}
+    if getattr(p, "rank_order", None) and "order" in MeshLayout.__dataclass_fields__:
+        order["order"] = p.rank_order  # which ranks are neighbours decides which groups span nodes
+    # The same checks the trainer's process mesh makes: EP groups must cover their nodes evenly.
+    layout = MeshLayout(world_size=world, ranks_per_node=rpn, pp=p.pp, ep=p.ep, tp=p.tp, **order)
+    layout.check_experts(m.n_routed_experts)
+    ep_nodes = max(len({r // rpn for r in ranks}) for ranks in layout.ep_groups())
+    if m.n_group > 1 and ep_nodes > 1 and m.n_group % ep_nodes:
+        raise ConfigError(
+            f"Invalid value for `model.n_group`: {m.n_group}. Each EP group (parallel.ep = {p.ep}) spans {ep_nodes} "
+            f"nodes ({rpn} ranks per node), and node-limited routing needs every expert group inside one node "
+            f"(groups = nodes). Valid: model.n_group = 1 or a multiple of {ep_nodes}, or a parallel.ep that "
+            f"spans a divisor of {m.n_group} nodes.")
+    if m.n_group > 1 and m.topk_group > m.n_group:  # also checked by the model; kept for a complete message
+        raise ConfigError(f"Invalid value for `model.topk_group`: {m.topk_group}. Valid: 1..model.n_group ({m.n_group}).")
+    return dict(world_size=world, nodes=c.nodes, ranks_per_node=rpn, pp=p.pp, dp=p.dp, ep=p.ep, tp=p.tp,
+                ep_nodes=ep_nodes, n_group=m.n_group, topk_group=m.topk_group)
+
+
+def trainer_overrides(overrides: list[str]) -> list[str]:
+    """The overrides the trainer takes: everything except the cluster's own (cluster=..., cluster.x=...)."""
+    def is_cluster(o: str) -> bool:
+        key = o.lstrip("+~").split("=", 1)[0]
+        return key == "cluster" or key.startswith("cluster.") or key.startswith("cluster@")
+    return [o for o in overrides if not is_cluster(o)]
+
+
+def _sbatch_lines(c: ClusterConfig) -> list[str]:
+    lines = [f"--time={c.time}"]
+    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem", c.mem)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    if c.gpus_per_node:
+        lines.append(f"--gpus-per-node={c.gpus_per_node}")
+    lines += list(c.sbatch_extra)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _environment(c: ClusterConfig) -> list[str]:
+    lines = []
+    if c.nccl:
+        lines += [
+            "# One hardware work queue per GPU: kernels start in issue order, so a communication kernel issued",
+            "# before a computation kernel runs alongside it (what the F&B overlap of EP all-to-all relies on).",
+            "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+            "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed or hung collective ends the job instead of hanging it",
+            'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
+            "# export NCCL_SOCKET_IFNAME=ib0  # the network interface NCCL bootstraps on, if auto-detection picks wrong",
+        ]
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()]
+    return lines
+
+
+def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = None) -> str:
+    """The sbatch script (text). `overrides` are the command line's; the trainer gets all but cluster.*."""
+    layout = check_layout(config)
+    c = config.cluster
+    launcher = launcher or c.launcher
+    if launcher not in TEMPLATES:
+        raise ConfigError(f"Invalid value for `cluster.launcher`: {launcher!r}. Valid: {' | '.join(TEMPLATES)}.")
+    template = resources.files("moetron.slurm").joinpath("templates", TEMPLATES[launcher]).read_text()
+    cpus = c.cpus_per_rank * (layout["ranks_per_node"] if launcher == "torchrun" else 1)
+    values = dict(
+        job_name=c.job_name, nodes=c.nodes, ranks_per_node=layout["ranks_per_node"], world_size=layout["world_size"],
+        cpus_per_task=cpus, sbatch_lines="\n".join(_sbatch_lines(c)), log_dir=shlex.quote(c.log_dir),
+        signal_seconds=c.signal_seconds, requeue_flag="requeue" if c.requeue else "no-requeue",
+        requeue=int(c.requeue), max_requeues=c.max_requeues,
+        setup="\n".join(c.setup) if c.setup else "# (no cluster.setup lines)",
+        workdir=shlex.quote(c.workdir) if c.workdir else '"$SLURM_SUBMIT_DIR"',
+        rdzv_port=c.rdzv_port, environment="\n".join(_environment(c)), python=shlex.quote(c.python),
+        module=c.module, args=" ".join(shlex.quote(o) for o in trainer_overrides(overrides)),
+        layout=(f"pp={layout['pp']} dp={layout['dp']} ep={layout['ep']} tp={layout['tp']}; EP groups span "
+                f"{layout['ep_nodes']} node(s); model.n_group={layout['n_group']} topk_group={layout['topk_group']}"),
+    )
+
+    def fill(match: re.Match) -> str:
+        return str(values[match.group(1)])  # a KeyError here is a bug in a template, not a user mistake
+
+    return _PLACEHOLDER.sub(fill, template)

@@ -1,0 +1,111 @@
+"""`python -m moetron.slurm render`: the sbatch script from the config, and layouts refused with named fields."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moetron.config import ConfigError
+from moetron.slurm import load, render, trainer_overrides
+
+LOCAL = ["cluster=local", "parallel.dp=4", "parallel.ep=2"]
+
+
+def rendered(overrides, launcher=None):
+    return render(load(overrides), overrides, launcher)
+
+
+def test_per_rank_template_from_the_local_cluster():
+    text = rendered([*LOCAL, "run.dir=runs/a b", "cluster.job_name=exp1", "train.steps=7"])
+    assert "{{" not in text
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --partition=debug",
+                 "#SBATCH --signal=B:USR1@60", "#SBATCH --requeue", "#SBATCH --job-name=exp1",
+                 "#SBATCH --output=slurm-logs/%x-%j.out", "export OMP_NUM_THREADS=1",
+                 'scontrol requeue "$SLURM_JOB_ID"', "trap 'forward_stop USR1' USR1"):
+        assert line in text, line
+    assert "-m moetron.launch moetron.train parallel.dp=4 parallel.ep=2 'run.dir=runs/a b' train.steps=7 &" in text
+    assert "cluster" not in text.split("-m moetron.launch moetron.train", 1)[1].split("&")[0]
+    assert 'rank-%t.out' in text and "CUDA_DEVICE_MAX_CONNECTIONS" not in text  # nccl: false on the CPU cluster
+
+
+def test_torchrun_template_for_a_gpu_cluster():
+    overrides = ["cluster=gpu", "cluster.nodes=2", "cluster.account=proj", "parallel.pp=2", "parallel.dp=8",
+                 "parallel.ep=8", "model.n_group=2"]
+    text = rendered(overrides)
+    for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --account=proj",
+                 "#SBATCH --cpus-per-task=64", "#SBATCH --exclusive", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                 '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "#SBATCH --signal=B:USR1@300", 'trap "" USR1'):
+        assert line in text, line
+    assert "{{" not in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_rendered_scripts_are_valid_bash(tmp_path, launcher):
+    script = tmp_path / "job.sbatch"
+    script.write_text(rendered([*LOCAL, "cluster.setup=[source /opt/venv/bin/activate]"], launcher))
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_trainer_gets_every_override_but_the_clusters():
+    assert trainer_overrides(["cluster=gpu", "cluster.nodes=4", "+cluster.x=1", "parallel.dp=4", "run.dir=r"]) == [
+        "parallel.dp=4", "run.dir=r"]
+
+
+@pytest.mark.parametrize("overrides,fields", [
+    (["cluster=local", "parallel.dp=2"], ["cluster.nodes", "cluster.ranks_per_node", "parallel.dp", "parallel.pp"]),
+    (["cluster=gpu", "cluster.nodes=2", "parallel.dp=8"], ["cluster.gpus_per_node", "parallel.dp=16"]),
+    (["cluster=local", "parallel.dp=4", "parallel.ranks_per_node=4"], ["parallel.ranks_per_node"]),
+    (["cluster=local", "parallel.dp=4", "parallel.ep=3"], ["parallel.ep"]),
+    (["cluster=local", "cluster.nodes=3", "parallel.dp=6", "parallel.ep=6", "model.n_routed_experts=12"],
+     ["model.n_group", "parallel.ep", "3 nodes"]),
+    (["cluster=local", "cluster.launcher=mpirun", "parallel.dp=4"], ["cluster.launcher"]),
+    (["cluster=local", "cluster.time=soon", "parallel.dp=4"], ["cluster.time"]),
+    (["cluster=local", "cluster.nodez=2"], ["cluster.nodez"]),
+])
+def test_bad_layouts_and_values_name_the_fields(overrides, fields):
+    with pytest.raises(ConfigError) as err:
+        rendered(overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for field in fields:
+        assert field in message, (field, message)
+
+
+def test_cli_refuses_a_bad_layout_and_writes_nothing(tmp_path):
+    out = tmp_path / "job" / "x.sbatch"
+    result = subprocess.run([sys.executable, "-m", "moetron.slurm", "submit", "-o", str(out), "cluster=local",
+                             f"cluster.log_dir={tmp_path / 'logs'}", "parallel.dp=3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("moetron.slurm: error: Invalid layout: cluster.nodes (2)")
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "logs").exists()
+
+
+def test_cli_render_writes_the_script(tmp_path):
+    out = tmp_path / "x.sbatch"
+    result = subprocess.run([sys.executable, "-m", "moetron.slurm", "render", "-o", str(out), *LOCAL,
+                             f"cluster.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert out.read_text().startswith("#!/bin/bash") and (tmp_path / "logs").is_dir()
+
+
+def test_config_groups_reach_the_job_and_the_trainers_schema_is_untouched():
+    config = load(["cluster=local", "parallel=cpu_2x2"])
+    assert (config.parallel.pp, config.parallel.dp, config.parallel.ep) == (2, 2, 2)
+    assert config.model.hidden_size == 128 and config.cluster.nodes == 2  # model=tiny and cluster=local applied
+    text = render(config, ["cluster=local", "parallel=cpu_2x2"])
+    assert "EP groups span 2 node(s)" in text and "-m moetron.launch moetron.train parallel=cpu_2x2 &" in text
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from moetron.config import MoetronConfig
+
+    with initialize_config_module("moetron.hydra_conf", version_base=None):
+        plain = OmegaConf.to_object(compose("config"))
+    assert type(plain) is MoetronConfig
