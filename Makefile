@@ -4,7 +4,7 @@ RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install corpus train test lint bench slurm-test
+.PHONY: install corpus train test lint bench plan slurm-test
 
 install:
 	python3 -m venv .venv
@@ -30,11 +30,19 @@ test:
 lint:
 	$(PY) -m ruff check src parallel comm tests benchmarks
 
+# Will a layout fit, and what will it cost? e.g. make plan ARGS="model=v3_671b hardware=h800 parallel.pp=16"
+plan:
+	$(PY) -m moetron.plan $(ARGS)
+
 # Every benchmark at small sizes; each prints its headline figures last and writes benchmarks/results/<name>.json.
 bench:
 	OMP_NUM_THREADS=1 $(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/pipeline_schedules.py
 	$(PY) benchmarks/ep_dispatch.py
+	$(PY) benchmarks/overlap.py
+	$(PY) benchmarks/fp8_loss.py --cli --concurrent --threads 1 --steps 200
+	$(PY) benchmarks/plan_vs_report.py
+	$(PY) benchmarks/plan_vs_measured.py --steps 12 --layout both
 
 # A real two-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing), the Slurm
 # tests on it (opt-in: `make test` skips them), then the cluster is stopped whatever the result.
