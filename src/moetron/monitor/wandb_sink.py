@@ -38,7 +38,7 @@ class WandbSink:
         self.run = wandb.init(
             project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode, dir=str(run_dir),
             id=run_id, resume="allow", name=run_dir.name, config=config,
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # a loaded box starts it slowly
         )
         # Plot against the trainer's step, not wandb's own counter: after a rollback the trainer's step goes
         # back, and wandb drops rows whose internal step is not increasing.
