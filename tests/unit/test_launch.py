@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,8 +160,8 @@ def test_mpiexec_probe(ranks, via_launch):
     out = subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, *module], env=env, capture_output=True,
                          text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
-    reports = sorted((json.loads(line[len("probe "):]) for line in out.stdout.splitlines() if line.startswith("probe ")),
-                     key=lambda r: r["rank"])
+    # The ranks share one stdout: find each flat `probe {...}` object even if two lines ran together.
+    reports = sorted((json.loads(m) for m in re.findall(r"probe (\{[^{}]*\})", out.stdout)), key=lambda r: r["rank"])
     assert [r["rank"] for r in reports] == list(range(ranks))
     assert [r["local_rank"] for r in reports] == list(range(ranks))  # one host: one shared-memory node
     # via moetron.launch, the probe re-reads the exported torchrun variables

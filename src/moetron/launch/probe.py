@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                   master=f"{info.master_addr}:{info.master_port}", allreduce=total.item(), expected=expected,
                   nodes_seen=sorted({v["node"] for v in views}), ok=ok,
                   restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-    print("probe " + json.dumps(report), flush=True)
+    # One write per line: ranks share stdout under mpiexec/srun, and print() writes the newline separately.
+    sys.stdout.write("probe " + json.dumps(report) + "\n")
+    sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
