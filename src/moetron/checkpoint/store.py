@@ -95,30 +95,18 @@ class CheckpointStore:
         return None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        state_file = path / TRAIN_STATE
-        try:
-            with open(state_file) as f:
-                train_state = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
+        train_state = read_train_state(path)
         verify_shards(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if not train_state.get("has_optimizer", True):  # a model-only checkpoint (e.g. imported weights)
             state = {"model": model_sd}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
-            cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
-            raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err
+        load_dcp(state, path)
         if "optim" in state:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             model.load_state_dict(state["model"])
         return train_state
-
 
 def verify_shards(path: Path) -> None:
     """Check that every byte range DCP's metadata points at exists, so a truncated or missing shard is
@@ -136,3 +124,23 @@ def verify_shards(path: Path) -> None:
         if actual is None or actual < size:
             found = "missing" if actual is None else f"{actual} bytes"
             raise ConfigError(f"Checkpoint file {shard} is truncated or missing: {found}, expected at least {size} bytes.")
+
+
+def read_train_state(path: Path) -> dict:
+    state_file = path / TRAIN_STATE
+    try:
+        with open(state_file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
+
+
+def load_dcp(state: dict, path: Path) -> None:
+    """dcp.load into `state` in place; a truncated or unreadable checkpoint becomes a ConfigError."""
+    try:
+        with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+        raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err

@@ -23,10 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
-from moetron.checkpoint.store import TRAIN_STATE, CheckpointStore, LoadedCheckpoint, verify_shards
-from moetron.config import ConfigError
+from moetron.checkpoint.store import (
+    TRAIN_STATE,
+    CheckpointStore,
+    LoadedCheckpoint,
+    load_dcp,
+    read_train_state,
+    verify_shards,
+)
 
 
 class DistCheckpointStore(CheckpointStore):
@@ -106,22 +111,11 @@ class DistCheckpointStore(CheckpointStore):
         return super().load_latest(model, optimizer)
 
     def load(self, path: Path, model, optimizer) -> dict:
-        state_file = path / TRAIN_STATE
-        try:
-            with open(state_file) as f:
-                train_state = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
+        train_state = read_train_state(path)
         verify_shards(path)
         entries = self.entries()
         state = {key: torch.empty_like(value) for key, (value, _) in entries.items()}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as err:
-            cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
-            raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err
+        load_dcp(state, path)
         with torch.no_grad():
             for key, (_, target) in entries.items():
                 target.copy_(state[key])
