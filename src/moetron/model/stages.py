@@ -25,9 +25,8 @@ from torch import nn
 
 from moetron.config.errors import invalid
 from moetron.model.moe import MoE
-from moetron.model.mtp import shift_left
 from moetron.model.rope import rope_cos_sin
-from moetron.model.transformer import IGNORE_INDEX, DeepSeekV3, cross_entropy
+from moetron.model.transformer import DeepSeekV3, cross_entropy, multi_token_loss
 
 
 def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
@@ -88,13 +87,7 @@ class PipelineStage(nn.Module):
         cos, sin = self.rope(tokens.shape[1], h.device)
         h = self.norm(h)
         lm_loss = cross_entropy(self.lm_head(h), labels)
-        mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            h = module(h, self.embed_tokens(shift_left(tokens, k, fill=0)), cos, sin)
-            mtp_logits = self.lm_head(module.norm(h))
-            mtp_losses.append(cross_entropy(mtp_logits, shift_left(labels, k, fill=IGNORE_INDEX)))
-        mtp_loss = mtp_lambda * torch.stack(mtp_losses).mean() if mtp_losses else None
-        return lm_loss, mtp_loss
+        return lm_loss, multi_token_loss(self, h, tokens, labels, cos, sin, mtp_lambda)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))

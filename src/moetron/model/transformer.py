@@ -29,6 +29,18 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def multi_token_loss(owner: nn.Module, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, mtp_lambda: float) -> torch.Tensor | None:
+    """(lambda / D) * sum_k CE(P^k, labels shifted by k), from the final-normed main state h. `owner` holds
+    `mtp`, `embed_tokens` and `lm_head` (the whole model, or the pipeline stage with the model's tail)."""
+    losses = []
+    for k, module in enumerate(owner.mtp, start=1):
+        h = module(h, owner.embed_tokens(shift_left(tokens, k, fill=0)), cos, sin)
+        logits = owner.lm_head(module.norm(h))
+        losses.append(cross_entropy(logits, shift_left(labels, k, fill=IGNORE_INDEX)))
+    return mtp_lambda * torch.stack(losses).mean() if losses else None
+
+
 class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,11 +85,6 @@ class DeepSeekV3(nn.Module):
             return ModelOutput(logits=logits)
 
         lm_loss = cross_entropy(logits, labels)
-        mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            h = module(h, self.embed_tokens(shift_left(tokens, k, fill=0)), cos, sin)
-            mtp_logits = self.lm_head(module.norm(h))
-            mtp_losses.append(cross_entropy(mtp_logits, shift_left(labels, k, fill=IGNORE_INDEX)))
-        mtp_loss = mtp_lambda * torch.stack(mtp_losses).mean() if mtp_losses else None
+        mtp_loss = multi_token_loss(self, h, tokens, labels, cos, sin, mtp_lambda)
         loss = lm_loss + mtp_loss if mtp_loss is not None else lm_loss
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
