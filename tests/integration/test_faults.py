@@ -116,6 +116,13 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(corpus, tmp_
     assert [m["loss"] for m in metrics(tmp_path / "clean")] == [m["loss"] for m in metrics(tmp_path / "run")]
 
 
+def wandb_diagnostics(run_dir, run) -> str:
+    """What to look at when the offline run lacks rows: its files, their sizes, the service's own log."""
+    files = {str(p.relative_to(run_dir)): p.stat().st_size for p in run_dir.glob("wandb/**/*") if p.is_file()}
+    logs = [p.read_text()[-2000:] for p in run_dir.glob("wandb/offline-run-*/logs/debug*.log")]
+    return f"{len(run.history)} history rows; files {files}; logs:\n" + "\n".join(logs)
+
+
 def test_offline_wandb_run_holds_metrics_and_spike_events(corpus, tmp_path):
     config = spike_config(corpus, tmp_path / "run", 12, "skip", [FaultConfig(step=9, kind="scale_loss", value=50.0)])
     config.monitor.wandb, config.monitor.report = True, True
@@ -123,7 +130,7 @@ def test_offline_wandb_run_holds_metrics_and_spike_events(corpus, tmp_path):
     run = read_offline_run(tmp_path / "run")
     losses = {row["trainer/step"]: row["train/loss"] for row in run.history if "train/loss" in row}
     logged = {m["step"]: m["loss"] for m in metrics(tmp_path / "run")}
-    assert losses.keys() == logged.keys()
+    assert losses.keys() == logged.keys(), wandb_diagnostics(tmp_path / "run", run)
     assert all(abs(losses[s] - logged[s]) <= 1e-5 * abs(logged[s]) for s in logged)
     assert any(row.get("events/loss_spike") == 1 and row["trainer/step"] == 9 for row in run.history)
     assert any("loss_spike at step 9" in alert["title"] for alert in run.alerts)

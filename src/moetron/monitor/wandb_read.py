@@ -47,8 +47,13 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
     """All offline wandb runs under run_dir/wandb (a resumed run has several), in time order."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    paths = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    if not paths:
+        found = sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).glob("wandb/**/*"))
+        raise FileNotFoundError(f"no offline wandb run (wandb/offline-run-*/run-*.wandb) under {run_dir}; "
+                                f"its wandb folder holds {found or 'nothing'}")
     result = OfflineRun()
-    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+    for path in paths:
         for data in _chunks(path.read_bytes()):
             record = pb.Record()
             record.ParseFromString(data)

@@ -37,7 +37,7 @@ class WandbSink:
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode, dir=str(run_dir),
-            id=run_id, resume="allow", name=run_dir.name, config=config,
+            id=run_id, resume="allow", name=run_dir.name, config=config, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # a loaded box starts it slowly
         )
         # Plot against the trainer's step, not wandb's own counter: after a rollback the trainer's step goes
@@ -58,3 +58,6 @@ class WandbSink:
 
     def finish(self) -> None:
         self.run.finish()
+        # Shut the wandb service down too: only then is the offline run file closed and complete on disk for
+        # whoever reads it next (a sync job, our tests), however late the service would otherwise flush it.
+        self.wandb.teardown()
