@@ -18,11 +18,12 @@ corpus:
 	$(PY) -m moetron.data.corpus data/corpus
 
 # The embedded distributed default: 4 CPU processes acting as 2 nodes x 2 ranks (parallel/cpu_2x2.yaml):
-# DualPipe pp=2 x ZeRO-1 dp=2, EP=2 across the two nodes with node-limited routing, MTP on. One thread per
-# rank; micro-batches of 1 sequence so each replica has the >= 2 x pp micro-batches DualPipe needs.
+# DualPipe pp=2 x ZeRO-1 dp=2, EP=2 across the two nodes with node-limited routing, MTP on, and FP8
+# (fp8/emulated.yaml: the fine-grained recipe, emulated exactly on CPU; FP8 dispatch payload). One thread
+# per rank; micro-batches of 1 sequence so each replica has the >= 2 x pp micro-batches DualPipe needs.
 train:
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=4 -m moetron.train \
-		parallel=cpu_2x2 train.micro_batch_size=1 run.dir=$(RUN_DIR) $(ARGS)
+		parallel=cpu_2x2 fp8=emulated train.micro_batch_size=1 run.dir=$(RUN_DIR) $(ARGS)
 
 test:
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -3,37 +3,49 @@
 One pipeline stage = one Transformer block with a DeepSeekMoE layer whose experts are sharded over every
 rank (nodes x ranks_per_node processes on this machine acting as nodes; two-hop dispatch across them).
 Each iteration runs the forward of micro-batch b (untimed), then times the F&B pair (forward of micro-batch
-a, backward of b) two ways: sequential (forward, then backward) and overlapped
-(moetron.comm.overlap.overlapped_forward_backward). In the sequential run every collective is recorded:
+a, backward of b: B, then W) two ways: sequential (forward, then backward) and overlapped
+(moetron.comm.overlap.OverlappedForwardBackward). In the sequential run every collective is recorded:
   t_comm     the time the ranks spent blocked in all-to-alls (the all-to-all alone: nothing else runs),
   t_compute  the rest of the sequential pair (the compute alone),
   t_overlap  the overlapped pair,
   efficiency (t_compute + t_comm - t_overlap) / min(t_compute, t_comm): 1 = the smaller one fully hidden.
 Times are per iteration the maximum over ranks, then the median over iterations.
 
-Two transports: gloo as is (on CPU it moves bytes with the same cores that compute, so little can hide),
-and the link model (comm/link_model.py: NVLink 160 GB/s and IB 50 GB/s per rank, latency, both scaled by
-one factor; by default it is picked so the modelled communication of a pair is --comm-ratio times its
-measured compute). The same script runs on GPUs with NCCL (one GPU per rank) when torch.cuda.is_available().
+Three set-ups:
+  gloo                    as is: on CPU gloo moves bytes with the same cores that compute, so little hides;
+  link_model              comm/link_model.py (NVLink 160 GB/s and IB 50 GB/s per rank, latency, scaled by one
+                          factor so the modelled communication of a pair is --comm-ratio x its measured
+                          compute); the compute is this CPU's, and 4 ranks on 2 cores are bound by the cores
+                          (the CPU ceiling below says how far);
+  link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate holding its side's compute
+                          token (rate: --compute-scale x slower than this CPU), so the cores no longer bound the
+                          pair and what is measured is what the schedule hides, as on GPUs.
+The default --comm-ratio 2/3 gives each chunk's all-to-alls the time the forward chunk computes (backward
+= 2 x forward); a backward chunk's own chain (its compute, then its transfers, which wait for it) is then as
+long as the pair's compute, the regime in which DualPipe hides the communication fully. With --comm-ratio 1
+that chain alone exceeds the pair's compute and the efficiency cannot reach 1 whatever the schedule.
+The same script runs on GPUs with NCCL (one GPU per rank) when torch.cuda.is_available().
 
 Writes benchmarks/results/overlap.json, a flat JSON object:
   nodes, ranks_per_node, tokens, hidden, experts, top_k, moe_intermediate, mode, iters, comm_ratio, device,
-  backend
+  backend, compute_scale, compute_model_tflops, compute_model_link_scale
   cpu_count, load_average           the machine's cores and its 1-minute load (other processes time-slice ours)
   link_scale, link_intra_gbps, link_inter_gbps, link_latency_us        the link model used (scaled)
-  <t>_compute_ms, <t>_comm_ms, <t>_sequential_ms, <t>_overlapped_ms    t in gloo, link_model
+  <t>_compute_ms, <t>_comm_ms, <t>_sequential_ms, <t>_overlapped_ms    t in gloo, link_model,
+                                                                       link_and_compute_model
   <t>_cpu_sequential_ms, <t>_cpu_overlapped_ms                         CPU time of a rank's process per pair
                                         (all its threads; equal work, so wall time beyond it is waiting or
                                         other processes holding the cores)
   <t>_cpu_bound_ms                      ranks x cpu_overlapped / cpu_count: the shortest overlapped pair the
                                         cores allow (CPU only; 0 on GPUs)
   overlap_efficiency_<t>_ceiling        the efficiency with t_overlap at max(that bound, t_compute, t_comm)
-  overlap_efficiency_gloo, overlap_efficiency_link_model              the headline figures
-  step_ratio_gloo, step_ratio_link_model                              overlapped / sequential F&B time
+  overlap_efficiency_<t>                the headline figures
+  step_ratio_<t>                        overlapped / sequential F&B time
   dualpipe_<t>_sequential_ms, dualpipe_<t>_overlapped_ms, dualpipe_step_ratio_<t>
                                         a whole DualPipe step (PP 2 x EP over the rest, --dualpipe-microbatches,
                                         one MoE block per stage) with sequential vs overlapped F&B
-and benchmarks/results/overlap.png (per-rank timeline of the sub-steps of one overlapped pair, link model).
+and per-rank timelines of the sub-steps of one overlapped pair: benchmarks/results/overlap.png (link model)
+and overlap_modelled.png (link and compute model).
 """
 
 from __future__ import annotations
@@ -47,10 +59,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from moetron.comm import new_ep_groups, world_ep_group
-from moetron.comm.intercept import Recorder, recording, use_link_model
-from moetron.comm.link_model import LinkModel
-from moetron.comm.overlap import enable_overlap, overlapped_forward_backward, sequential_forward_backward
+from moetron.comm import LinkModel, Recorder, Transport, new_ep_groups, world_ep_group
+from moetron.comm.compute_model import ComputeModel
+from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap, sequential_forward_backward
 from moetron.parallel.actions import Action, Op
 from moetron.parallel.executor import BackwardJob, ForwardJob
 from moetron.parallel.local import run_local
@@ -81,14 +92,14 @@ def model_config(args) -> ModelConfig:
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep, mode: str, device):
+    def __init__(self, cfg: ModelConfig, ep, mode: str, device, transport: Transport):
         super().__init__()
         torch.manual_seed(0)
         self.cfg = cfg
         self.block = Block(cfg, moe=True)
         for p in self.block.parameters():
             nn.init.normal_(p, std=0.05)
-        apply_expert_parallel(self, ep, mode)
+        apply_expert_parallel(self, ep, mode, transport=transport)
         self.to(device)
 
     def forward(self, h):
@@ -110,8 +121,10 @@ class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
         ep = world_ep_group(args.ranks_per_node)
-        enable_overlap(ep, [list(range(dist.get_world_size()))], args.ranks_per_node)
-        self.stage = Stage(model_config(args), ep, args.mode, device)
+        self.transport = Transport()
+        enable_overlap(self.transport, ep, [list(range(dist.get_world_size()))], args.ranks_per_node)
+        self.overlapped = OverlappedForwardBackward(self.transport)
+        self.stage = Stage(model_config(args), ep, args.mode, device, self.transport)
         self.batch = max(1, args.tokens // SEQ)
         self.step = 0
 
@@ -151,7 +164,7 @@ class Bench:
         for it in range(iters + 1):  # the first is a warm-up
             spent_s, waited, _ = self.pair(sequential_forward_backward, recorder)
             cpu_seq = self.cpu
-            spent_o, _, start = self.pair(overlapped_forward_backward, recorder)
+            spent_o, _, start = self.pair(self.overlapped, recorder)
             both = torch.tensor([spent_s, waited, spent_o, cpu_seq, self.cpu], dtype=torch.float64)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             if it:
@@ -162,9 +175,10 @@ class Bench:
                     cpu_overlapped=med(cpu_o), start=start)
 
 
-def dualpipe_steps(args, device, link: LinkModel) -> dict:
+def dualpipe_steps(args, device, models: dict) -> dict:
     """DualPipe over PP 2 (rank pairs 2i, 2i+1) x EP (ranks of one pipeline position, across nodes): median
-    seconds of a step with sequential and with overlapped F&B (alternating), gloo and link model."""
+    seconds of a step with sequential and with overlapped F&B (alternating), for each entry of `models`
+    (name -> (link model or None, compute model or None))."""
     from moetron.parallel.executor import PipelineExecutor
     from moetron.parallel.schedules import build_schedule
 
@@ -172,49 +186,70 @@ def dualpipe_steps(args, device, link: LinkModel) -> dict:
     pp_groups = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]
     partition = [list(range(j, world, 2)) for j in range(2)]
     ep = new_ep_groups(partition, args.ranks_per_node)
-    enable_overlap(ep, partition, args.ranks_per_node)
+    transport = Transport()
+    enable_overlap(transport, ep, partition, args.ranks_per_node)
     cfg = model_config(args)
     schedule = build_schedule("dualpipe", 2, args.dualpipe_microbatches)
     pp_group = pp_groups[rank // 2]
-    stages = {sid: Stage(cfg, ep, args.mode, device) for sid in schedule.stages_of(dist.get_rank(pp_group))}
+    stages = {sid: Stage(cfg, ep, args.mode, device, transport)
+              for sid in schedule.stages_of(dist.get_rank(pp_group))}
     batch = max(1, args.tokens // SEQ) * args.dualpipe_microbatches
     g = torch.Generator().manual_seed(rank // 2)
     inputs = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
     targets = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
     executors = [PipelineExecutor(schedule, stages, loss_fn, group=pp_group, forward_backward=hook)
-                 for hook in (sequential_forward_backward, overlapped_forward_backward)]
+                 for hook in (sequential_forward_backward, OverlappedForwardBackward(transport))]
     out = {}
-    for name, model in (("gloo", None), ("link_model", link)):
+    for name, (link, compute) in models.items():
         times: list[list[float]] = [[], []]
-        with use_link_model(model):
-            for it in range(args.dualpipe_steps + 1):
-                spent = []
-                for executor in executors:
-                    for m in stages.values():
-                        m.zero_grad(set_to_none=True)
-                    sync(device)
-                    dist.barrier()
-                    start = time.perf_counter()
-                    executor.step(inputs, targets)
-                    sync(device)
-                    spent.append(time.perf_counter() - start)
-                both = torch.tensor(spent, dtype=torch.float64)
-                dist.all_reduce(both, op=dist.ReduceOp.MAX)
-                if it:
-                    times[0].append(both[0].item())
-                    times[1].append(both[1].item())
+        transport.link = link
+        charges = [h for m in stages.values() for h in compute.attach(m)] if compute is not None else []
+        for it in range(args.dualpipe_steps + 1):
+            spent = []
+            for executor in executors:
+                for m in stages.values():
+                    m.zero_grad(set_to_none=True)
+                sync(device)
+                dist.barrier()
+                start = time.perf_counter()
+                executor.step(inputs, targets)
+                sync(device)
+                spent.append(time.perf_counter() - start)
+            both = torch.tensor(spent, dtype=torch.float64)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            if it:
+                times[0].append(both[0].item())
+                times[1].append(both[1].item())
+        for handle in charges:
+            handle.remove()
         out[name] = (statistics.median(times[0]), statistics.median(times[1]))
+    transport.link = None
     return out
 
 
 def _marked(run, recorder: Recorder, label: str):
     def wrapped():
-        recorder.mark(f"{label} start")
+        recorder.mark(dist.get_rank(), label, f"{label} start")
         try:
             return run()
         finally:
-            recorder.mark(f"{label} end")
+            recorder.mark(dist.get_rank(), label, f"{label} end")
     return wrapped
+
+
+def max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def link_scale(bench: Bench, recorder: Recorder, compute_s: float, ratio: float, ranks_per_node: int) -> float:
+    """The link model's bandwidth scale that makes a pair's modelled communication `ratio` x `compute_s`."""
+    probe = LinkModel(ranks_per_node, latency_s=0.0)
+    bench.transport.link = probe
+    bench.pair(sequential_forward_backward, recorder)
+    bench.transport.link = None
+    return max_over_ranks(probe.modelled_s) / max(ratio * compute_s, 1e-6)
 
 
 def gathered(recorder: Recorder, since: float) -> list:
@@ -232,33 +267,52 @@ def worker(rank: int, world: int, args, raw_path: str) -> None:
         torch.cuda.set_device(device)
     bench = Bench(args, device)
     out: dict = {}
-    recorder = Recorder()
-    with recording(recorder):
-        # gloo / NCCL as is
-        out["gloo"] = bench.measure(args.iters, recorder)
-        # link model: calibrate the scale so that modelled communication ~ measured compute
-        compute = out["gloo"]["sequential"] - out["gloo"]["comm"]
-        scale = args.link_scale
-        if scale is None:
-            probe = LinkModel(args.ranks_per_node, latency_s=0.0)
-            with use_link_model(probe):
-                bench.pair(sequential_forward_backward, recorder)
-            modelled = torch.tensor([probe.modelled_s], dtype=torch.float64)
-            dist.all_reduce(modelled, op=dist.ReduceOp.MAX)
-            scale = modelled.item() / max(args.comm_ratio * compute, 1e-6)
-        link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
-        with use_link_model(link):
-            out["link_model"] = bench.measure(args.iters, recorder)
-        out["link"] = dict(scale=scale, intra_gbps=link.intra_gbps * scale, inter_gbps=link.inter_gbps * scale,
-                           latency_us=args.latency_us)
-        timeline = gathered(recorder, out["link_model"]["start"] - 1e-3)
+    recorder = bench.transport.recorder = Recorder()
+    # gloo / NCCL as is
+    out["gloo"] = bench.measure(args.iters, recorder)
+    # link model: the scale makes modelled communication ~ comm_ratio x the measured compute
+    compute = out["gloo"]["sequential"] - out["gloo"]["comm"]
+    scale = args.link_scale or link_scale(bench, recorder, compute, args.comm_ratio, args.ranks_per_node)
+    link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
+    bench.transport.link = link
+    out["link_model"] = bench.measure(args.iters, recorder)
+    bench.transport.link = None
+    out["link"] = dict(scale=scale, intra_gbps=link.intra_gbps * scale, inter_gbps=link.inter_gbps * scale,
+                       latency_us=args.latency_us)
+    timelines = {"link_model": gathered(recorder, out["link_model"]["start"] - 1e-3)}
+    # link and compute model: GEMMs charged at a modelled rate (compute_scale x slower than this CPU's own
+    # compute of the pair), and the links scaled to comm_ratio x that modelled compute
+    counter = ComputeModel(flops_per_s=1.0, sleep=lambda seconds: None)
+    handles = counter.attach(bench.stage)
+    bench.pair(sequential_forward_backward, recorder)
+    for handle in handles:
+        handle.remove()
+    flops = max_over_ranks(counter.modelled_s)  # a pair's forward + backward FLOPs (at 1 FLOP/s)
+    compute_model = ComputeModel(flops_per_s=flops / (args.compute_scale * compute))
+    handles = compute_model.attach(bench.stage)
+    modelled_compute = args.compute_scale * compute
+    scale_m = link_scale(bench, recorder, modelled_compute, args.comm_ratio, args.ranks_per_node)
+    link_m = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale_m)
+    bench.transport.link = link_m
+    out["link_and_compute_model"] = bench.measure(args.iters, recorder)
+    bench.transport.link = None
+    for handle in handles:
+        handle.remove()
+    out["compute_model"] = dict(tflops=compute_model.flops_per_s / 1e12, link_scale=scale_m,
+                                compute_scale=args.compute_scale)
+    timelines["link_and_compute_model"] = gathered(recorder, out["link_and_compute_model"]["start"] - 1e-3)
+    bench.transport.recorder = None
     if args.dualpipe_steps and dist.get_world_size() % 2 == 0:
-        out["dualpipe"] = dualpipe_steps(args, device, link)
+        out["dualpipe"] = dualpipe_steps(args, device, {"gloo": (None, None), "link_model": (link, None),
+                                                        "link_and_compute_model": (link_m, compute_model)})
     if rank == 0:
-        out["timeline"] = timeline
+        out["timelines"] = timelines
         out["device"] = str(device.type)
         out["backend"] = dist.get_backend()
         Path(raw_path).write_text(json.dumps(out))
+
+
+NAMES = ("gloo", "link_model", "link_and_compute_model")
 
 
 def efficiency(t: dict) -> tuple[float, float]:
@@ -266,13 +320,13 @@ def efficiency(t: dict) -> tuple[float, float]:
     return (compute + t["comm"] - t["overlapped"]) / max(min(compute, t["comm"]), 1e-9), compute
 
 
-def plot(raw: dict, result: dict, path: Path) -> None:
+def plot(ranks: list, title: str, path: Path) -> None:
+    """Per-rank timeline of the sub-steps of one overlapped pair (`ranks`: what gathered() returned)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = raw["timeline"]
     t0 = min(m[3] for _, marks in ranks for m in marks if m[2].endswith("start"))
     colors = {"dispatch": "#cc6633", "combine": "#3377aa", "combine-bwd": "#ee9966", "dispatch-bwd": "#77aadd",
               "counts": "#999999", "other": "#999999"}
@@ -307,9 +361,7 @@ def plot(raw: dict, result: dict, path: Path) -> None:
     ax.set_yticklabels(ylabels, fontsize=8)
     ax.set_xlabel("ms since the pair started (upper bar: computing, not waiting for a transfer or for the other "
                   "side's turn; lower bar: all-to-all issue -> done)")
-    ax.set_title(f"Overlapped F&B of one MoE block, {result['nodes']} nodes x {result['ranks_per_node']} ranks, "
-                 f"link model: efficiency {result['overlap_efficiency_link_model']:.2f}, "
-                 f"step ratio {result['step_ratio_link_model']:.2f}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -329,8 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--link-scale", type=float, default=None,
                         help="bandwidth scale of the link model (default: modelled comm = measured compute)")
-    parser.add_argument("--comm-ratio", type=float, default=1.0,
-                        help="with the automatic scale: modelled communication / measured compute of a pair")
+    parser.add_argument("--comm-ratio", type=float, default=2 / 3,
+                        help="with the automatic scale: modelled communication / measured compute of a pair "
+                             "(2/3: each chunk's all-to-alls take as long as the forward chunk computes)")
+    parser.add_argument("--compute-scale", type=float, default=8.0,
+                        help="compute model: a pair's modelled compute / this CPU's measured compute of it")
     parser.add_argument("--latency-us", type=float, default=50.0, help="link model latency per transfer")
     parser.add_argument("--dualpipe-steps", type=int, default=3,
                         help="timed DualPipe steps (PP 2 x EP) with and without overlap; 0: skip")
@@ -362,7 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
                   link_inter_gbps=raw["link"]["inter_gbps"], link_latency_us=raw["link"]["latency_us"],
                   cpu_count=os.cpu_count(), load_average=max(load_before, os.getloadavg()[0]))
     world = args.nodes * args.ranks_per_node
-    for name in ("gloo", "link_model"):
+    result.update(compute_model_tflops=raw["compute_model"]["tflops"],
+                  compute_model_link_scale=raw["compute_model"]["link_scale"], compute_scale=args.compute_scale)
+    for name in NAMES:
         t = raw[name]
         eff, compute = efficiency(t)
         # The cores bound the overlapped pair: every rank's CPU work (compute, and the bytes gloo moves) fits
@@ -381,19 +438,19 @@ def main(argv: list[str] | None = None) -> dict:
                        f"dualpipe_step_ratio_{name}": ovl / seq})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    plot(raw, result, Path(args.out).with_suffix(".png"))
-    for name in ("gloo", "link_model"):
-        print(f"{name:>10}: compute {result[f'{name}_compute_ms']:.1f} ms, all-to-all {result[f'{name}_comm_ms']:.1f} ms, "
-              f"sequential {result[f'{name}_sequential_ms']:.1f} ms, overlapped {result[f'{name}_overlapped_ms']:.1f} ms")
-    print(f"CPU bound on the overlapped pair: gloo {result['gloo_cpu_bound_ms']:.1f} ms, link model "
-          f"{result['link_model_cpu_bound_ms']:.1f} ms (efficiency ceilings {result['overlap_efficiency_gloo_ceiling']:.2f}"
-          f", {result['overlap_efficiency_link_model_ceiling']:.2f})")
+    for name, suffix, what in (("link_model", ".png", "link model, real CPU compute"),
+                               ("link_and_compute_model", "_modelled.png", "link and compute model")):
+        plot(raw["timelines"][name], f"Overlapped F&B of one MoE block, {args.nodes} nodes x {args.ranks_per_node} "
+             f"ranks, {what}: efficiency {result[f'overlap_efficiency_{name}']:.2f}, step ratio "
+             f"{result[f'step_ratio_{name}']:.2f}", Path(str(Path(args.out).with_suffix("")) + suffix))
+    for name in NAMES:
+        print(f"{name:>22}: compute {result[f'{name}_compute_ms']:.1f} ms, all-to-all {result[f'{name}_comm_ms']:.1f} ms, "
+              f"sequential {result[f'{name}_sequential_ms']:.1f} ms, overlapped {result[f'{name}_overlapped_ms']:.1f} ms, "
+              f"efficiency {result[f'overlap_efficiency_{name}']:.3f} (CPU ceiling "
+              f"{result[f'overlap_efficiency_{name}_ceiling']:.2f}), step ratio {result[f'step_ratio_{name}']:.3f}")
     if "dualpipe_step_ratio_link_model" in result:
         print(f"DualPipe step (PP 2 x EP {world // 2}, {args.dualpipe_microbatches} micro-batches), overlapped / sequential: "
-              f"gloo {result['dualpipe_step_ratio_gloo']:.3f}, link model {result['dualpipe_step_ratio_link_model']:.3f}")
-    print(f"overlap_efficiency_gloo {result['overlap_efficiency_gloo']:.3f}  "
-          f"overlap_efficiency_link_model {result['overlap_efficiency_link_model']:.3f}  "
-          f"step_ratio_link_model {result['step_ratio_link_model']:.3f}")
+              + ", ".join(f"{name} {result[f'dualpipe_step_ratio_{name}']:.3f}" for name in NAMES))
     return result
 
 

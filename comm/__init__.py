@@ -14,11 +14,13 @@ moetron's model: it takes tensors, expert ids, gates, process groups and plain n
 from .dispatch import MODES, Dispatched, Dispatcher
 from .experts import run_local_experts
 from .layout import EPGroup, local_size_of, new_ep_groups, node_slices, world_ep_group
+from .link_model import LinkModel
 from .payload import DispatchFormat
+from .recorder import Recorder
 from .stats import CommStats
-from .transport import Pending, Route
+from .transport import Pending, Route, Transport
 
 __all__ = [
-    "MODES", "CommStats", "DispatchFormat", "Dispatched", "Dispatcher", "EPGroup", "Pending", "Route",
-    "local_size_of", "new_ep_groups", "node_slices", "run_local_experts", "world_ep_group",
+    "MODES", "CommStats", "DispatchFormat", "Dispatched", "Dispatcher", "EPGroup", "LinkModel", "Pending", "Recorder",
+    "Route", "Transport", "local_size_of", "new_ep_groups", "node_slices", "run_local_experts", "world_ep_group",
 ]

@@ -27,7 +27,7 @@ from moetron.config.errors import invalid
 from .layout import EPGroup
 from .payload import DispatchFormat, from_bytes, to_bytes
 from .stats import CommStats
-from .transport import Hop, Pending, Route, all_to_all, choice_mask, make_hop
+from .transport import Hop, Pending, Route, Transport, choice_mask, make_hop
 from .two_hop import intra_node_hop, rail_hop
 
 MODES = ("flat", "two_hop")
@@ -72,7 +72,7 @@ class _DispatchGrad(torch.autograd.Function):
             grad_gates = torch.zeros(box.rows, box.local.shape[1], dtype=torch.float32, device=box.device)
         grad_gates = grad_gates.float() * box.local
         home_x, home_gates = box.route.reverse([grad_x, grad_gates], [grad_x.dtype, torch.float32],
-                                               box.stats, "backward").wait()
+                                               box.stats, "backward", what="dispatch-bwd").wait()
         return home_x.to(box.x_dtype), home_gates.to(box.gates_dtype), None
 
 
@@ -97,16 +97,20 @@ class Dispatcher:
 
     mode: "flat" or "two_hop"; fp8: send the dispatch payload as E4M3 with 1x128 scales;
     combine_dtype: the wire dtype of combine (None: the dtype of the expert outputs, e.g. BF16 or FP32).
-    stats: a CommStats to count bytes into (one is created if omitted)."""
+    stats: a CommStats to count bytes into (one is created if omitted); transport: where the collectives go
+    (comm/transport.py; share one among the dispatchers of a model so a link model, overlap twins and a
+    recorder apply to all of them; one is created if omitted)."""
 
     def __init__(self, ep: EPGroup, num_experts: int, mode: str = "two_hop", fp8: bool = False,
-                 combine_dtype: torch.dtype | None = None, stats: CommStats | None = None):
+                 combine_dtype: torch.dtype | None = None, stats: CommStats | None = None,
+                 transport: Transport | None = None):
         if mode not in MODES:
             raise invalid("parallel.ep_dispatch", mode, "'flat' or 'two_hop'")
         self.ep, self.num_experts, self.mode, self.fp8 = ep, num_experts, mode, fp8
         self.experts_per_rank = ep.experts_per_rank(num_experts)
         self.combine_dtype = combine_dtype
         self.stats = stats if stats is not None else CommStats()
+        self.transport = transport if transport is not None else Transport()
 
     # ---- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> Dispatched:
@@ -124,22 +128,22 @@ class Dispatcher:
             dest = expert_ids.long() // self.experts_per_rank  # EP rank of every choice
             if self.mode == "flat":
                 remote = [ep.node_of(p) != ep.node for p in range(ep.size)]
-                first = make_hop(ep.group, ep.rank, remote, choice_mask(dest, ep.size))
+                first = make_hop(self.transport, ep.group, ep.rank, remote, choice_mask(dest, ep.size))
             else:
-                first = rail_hop(ep, dest)
+                first = rail_hop(self.transport, ep, dest)
             self.stats.add("dispatch", *first.bytes_to_peers(first.send_splits, fmt.row_bytes))
-            buf, work = all_to_all(packed[first.send_index], first.group, first.send_splits, first.recv_splits,
-                                   async_op=True)
+            buf, work = self.transport.all_to_all(packed[first.send_index], first.group, first.send_splits,
+                                                  first.recv_splits, "dispatch", async_op=True)
 
         def finish() -> Dispatched:
             with torch.no_grad():
                 hops: list[Hop] = [first]
                 rows = buf
                 if self.mode == "two_hop":
-                    second = intra_node_hop(ep, fmt.ids(rows).long() // self.experts_per_rank)
+                    second = intra_node_hop(self.transport, ep, fmt.ids(rows).long() // self.experts_per_rank)
                     self.stats.add("dispatch", *second.bytes_to_peers(second.send_splits, fmt.row_bytes))
-                    rows, _ = all_to_all(rows[second.send_index], second.group, second.send_splits,
-                                         second.recv_splits)
+                    rows, _ = self.transport.all_to_all(rows[second.send_index], second.group, second.send_splits,
+                                                        second.recv_splits, "dispatch")
                     hops.append(second)
                 out_x, out_gates, ids, source = fmt.unpack(rows)
                 perm = None
@@ -148,7 +152,7 @@ class Dispatcher:
                     if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
                         perm = order
                         out_x, out_gates, ids, source = out_x[perm], out_gates[perm], ids[perm], source[perm]
-                route = Route(hops, perm)
+                route = Route(hops, perm, self.transport)
                 lo = ep.rank * self.experts_per_rank
                 local = (ids >= lo) & (ids < lo + self.experts_per_rank)
                 local_ids = torch.where(local, ids - lo, -1)

@@ -9,9 +9,8 @@ bandwidth. The handle of a transfer completes no earlier than that modelled time
 waits for the real transfer, then SLEEPS (never spins) until the modelled deadline, so the cores stay free
 for the computation the transfer is meant to hide behind.
 
-    model = LinkModel(ranks_per_node=2, scale=1e-3)     # 160 MB/s NVLink, 50 MB/s IB (scaled down)
-    with use_link_model(model):                         # every collective of moetron.comm is timed by it
-        out = dispatcher.dispatch(x, ids, gates)
+    transport = Transport(link=LinkModel(ranks_per_node=2, scale=1e-3))  # 160 / 50 MB/s: scaled down
+    dispatcher = Dispatcher(ep, num_experts, transport=transport)        # its collectives are timed by it
 
 `scale` slows both links by the same factor so that communication is comparable to computation at the
 small sizes a CPU can run (a benchmark picks it from measured compute time; see benchmarks/overlap.py).

@@ -6,9 +6,12 @@ experts | combine | residual tail. Backward: tail | combine's backward (a dispat
 experts | dispatch's backward (a combine of gradients) | router + attention. Rather than asking every
 model to cut its layers into callables, the pair runs as two coroutines: the forward on the calling thread
 (autocast, grad mode and every other thread-local setting apply as usual) and the backward on a helper
-thread. A compute token (comm/intercept.py) lets one side compute at a time: a side hands it over
-whenever it starts to wait for a collective of moetron.comm, and takes it back at its next compute step
-(the next module call in the forward; after the backward node of dispatch / combine in the backward).
+thread. A compute token lets one side compute at a time (as on a GPU's one compute stream): a side hands it
+over whenever it starts to wait for a collective of its Transport, and takes it back at its next compute
+step (the next module call in the forward; after the backward node of dispatch / combine in the backward).
+The backward side has priority: it is the longer chain (its compute is about twice the forward's, and each
+of its transfers waits for that compute), so the forward hands the token over at its next module call
+whenever the backward wants it, and fills the backward's waits for transfers.
 The backward starts, so the pattern is DualPipe's:
 
     backward  tail ─┐ combine-bwd ···· experts-bwd ─┐ dispatch-bwd ···· attention-bwd ─┐ ...
@@ -22,11 +25,14 @@ to the WeightGradStore as usual): results are bitwise identical to sequential_fo
 
 The backward side issues its collectives on twin process groups (same ranks, created once at setup),
 so the two sides never need to agree on an order of issue across ranks; no side ever waits for a
-collective while holding the token, so the token cannot deadlock across ranks.
+collective while holding the token, so the token cannot deadlock across ranks. All of this lives in the
+Transport that the stages' dispatchers share (no process-wide state):
 
+    transport = Transport()
     ep = new_ep_groups(partition, ranks_per_node)            # or ProcessMesh(...).ep
-    enable_overlap(ep, partition, ranks_per_node)            # collective: twins of ep's groups
-    executor = PipelineExecutor(schedule, stages, loss_fn, forward_backward=overlapped_forward_backward)
+    apply_expert_parallel(stage, ep, transport=transport)    # every MoE layer talks through `transport`
+    enable_overlap(transport, ep, partition, ranks_per_node) # collective: twins of ep's groups
+    executor = PipelineExecutor(schedule, stages, loss_fn, forward_backward=OverlappedForwardBackward(transport))
 
 CPU: gloo's async work handles (gloo moves the bytes on its own threads, on the same cores). GPUs: the
 collectives run on NCCL's communication stream and a handle's wait() makes the compute stream wait for
@@ -36,79 +42,144 @@ its event, never the host; the two sides enqueue from two host threads onto the 
 from __future__ import annotations
 
 import threading
+import time
 
-import torch.distributed as dist
-from torch.nn.modules.module import register_module_forward_pre_hook
-
-from .intercept import STATE, ComputeToken, install, role
 from .layout import EPGroup, new_ep_groups
+from .recorder import Span
+from .transport import Transport, _rank
 
 
-def register_twin(group: dist.ProcessGroup, twin: dist.ProcessGroup) -> None:
-    """Use `twin` (a process group of the same ranks) for the backward side's collectives on `group`."""
-    install()
-    if group is None or twin is None:
-        return
-    if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(twin):
-        raise ValueError(f"a twin group must hold the same ranks: {dist.get_process_group_ranks(group)} vs "
-                         f"{dist.get_process_group_ranks(twin)}")
-    STATE.twins[group] = twin
+class ComputeToken:
+    """Only its holder ("F" or "B") computes. A side gives it up whenever it waits for a collective and takes
+    it back at its next compute step, so one side's transfer is in flight while the other computes, and the
+    two never slice the cores between them. Nobody blocks on a collective while holding it, so it cannot
+    deadlock across ranks; the glue between the hops of one dispatch runs without it (issued promptly)."""
+
+    def __init__(self, transport: Transport):
+        self._cv = threading.Condition()
+        self._transport = transport
+        self.owner: str | None = None
+        self.waiting: set[str] = set()
+
+    def acquire(self, who: str) -> None:
+        with self._cv:
+            if self.owner in (None, who):
+                self.owner = who
+                return
+            start = time.perf_counter()
+            self.waiting.add(who)
+            while self.owner not in (None, who):
+                self._cv.wait()
+            self.waiting.discard(who)
+            self.owner = who
+        recorder = self._transport.recorder
+        if recorder is not None:
+            recorder.add(Span(_rank(), who, "token", start, time.perf_counter()))
+
+    def release(self, who: str) -> None:
+        with self._cv:
+            if self.owner == who:
+                self.owner = None
+                self._cv.notify_all()
+
+    def yield_to_waiting(self, who: str) -> None:
+        """Hand the token to the other side if it waits for it; take it back when that side next waits."""
+        with self._cv:
+            others = self.waiting - {who}
+            if self.owner != who or not others:
+                return
+            self.owner = others.pop()  # straight to the waiter, so that we cannot take it back first
+            self._cv.notify_all()
+        self.acquire(who)
 
 
-def enable_overlap(ep: EPGroup | None, partition: list[list[int]], ranks_per_node: int) -> EPGroup | None:
+class _Pair:
+    """A running overlapped F&B pair, as its Transport sees it."""
+
+    def __init__(self, transport: Transport):
+        self.forward_thread = threading.get_ident()
+        self.token = ComputeToken(transport)
+
+    def role(self) -> str:
+        return "F" if threading.get_ident() == self.forward_thread else "B"
+
+    def compute_step(self) -> None:
+        """A module call: the forward takes the token, handing it first to the backward if that waits for it
+        (the backward has priority). A recompute inside the backward calls modules too: it already holds it."""
+        who = self.role()
+        self.token.acquire(who)
+        if who == "F":
+            self.token.yield_to_waiting("F")
+
+    def give_up_turn(self) -> None:
+        """Called by a side that starts to wait for a transfer: the other side may compute meanwhile."""
+        self.token.release(self.role())
+
+
+def enable_overlap(transport: Transport, ep: EPGroup | None, partition: list[list[int]],
+                   ranks_per_node: int) -> EPGroup | None:
     """COLLECTIVE over the default group (every rank, same arguments): create twins of the EP, rail and
     intra-node groups of every EP group in `partition` and register this rank's (`ep`, the EPGroup that
-    new_ep_groups(partition, ranks_per_node) gave it). Returns the twin EPGroup."""
+    new_ep_groups(partition, ranks_per_node) gave it) with `transport`. Returns the twin EPGroup."""
     twin = new_ep_groups(partition, ranks_per_node)
     if ep is not None and twin is not None:
         if tuple(twin.ranks) != tuple(ep.ranks):
             raise ValueError(f"ep holds ranks {ep.ranks} but `partition` puts this rank in {twin.ranks}")
         for mine, theirs in ((ep.group, twin.group), (ep.rail, twin.rail), (ep.intra, twin.intra)):
-            register_twin(mine, theirs)
+            transport.register_twin(mine, theirs)
     return twin
 
 
-def overlapped_forward_backward(forward, backward) -> tuple:
-    """The executor's F&B hook (forward_job, backward_job) -> (forward output or loss, input gradients):
-    the backward chunk on a helper thread, the forward chunk here, each one's collectives in flight while
-    the other computes. Equal, bit for bit, to sequential_forward_backward."""
-    install()
-    if STATE.forward_thread is not None:
-        raise RuntimeError("overlapped_forward_backward is not reentrant: an F&B pair is already running")
-    result: dict = {}
-    token = ComputeToken()
-    # Where a side that gave the token up (to wait for a transfer) takes it back: the next module call
-    # (forward side), after the backward of dispatch or combine (backward side).
-    hooks = [register_module_forward_pre_hook(lambda module, args: token.acquire(role()))]
-    root = getattr(getattr(backward, "backward", None), "root", None)
-    for node in _comm_nodes(root.node if root is not None else None):
-        hooks.append(node.register_hook(lambda grad_inputs, grad_outputs: token.acquire("B")))
+class OverlappedForwardBackward:
+    """The executor's F&B hook (forward_job, backward_job) -> (forward output or loss, input gradients) for
+    stages whose dispatchers share `transport`: the backward chunk on a helper thread, the forward chunk
+    here, each one's collectives in flight while the other computes. Equal, bit for bit, to
+    sequential_forward_backward."""
 
-    def run_backward() -> None:
-        token.acquire("B")  # the backward starts: its tail computes while the forward waits for the token
-        try:
-            result["grads"] = backward.run()
-        except BaseException as error:  # re-raised on the calling thread
-            result["error"] = error
-        finally:
-            token.release("B")
+    def __init__(self, transport: Transport):
+        self.transport = transport
 
-    STATE.forward_thread, STATE.token = threading.get_ident(), token
-    helper = threading.Thread(target=run_backward, name="moetron-fb-backward", daemon=True)
-    try:
-        helper.start()
+    def __call__(self, forward, backward) -> tuple:
+        transport = self.transport
+        if transport.pair is not None:
+            raise RuntimeError("overlapped F&B is not reentrant: a pair is already running on this transport")
+        result: dict = {}
+        pair = _Pair(transport)
+        token = pair.token
+        # Where a side that gave the token up (to wait for a transfer) takes it back: its next module call
+        # (forward side, which there also hands it to a waiting backward), after the backward of dispatch or
+        # combine (backward side).
+        hooks = [module.register_forward_pre_hook(lambda module, args: pair.compute_step())
+                 for module in forward.module.modules()]
+        root = getattr(getattr(backward, "backward", None), "root", None)
+        hooks += [node.register_hook(lambda grad_inputs, grad_outputs: token.acquire("B"))
+                  for node in _comm_nodes(root.node if root is not None else None)]
+
+        def run_backward() -> None:
+            token.acquire("B")  # the backward starts: its tail computes while the forward waits for the token
+            try:
+                result["grads"] = backward.run()
+            except BaseException as error:  # re-raised on the calling thread
+                result["error"] = error
+            finally:
+                token.release("B")
+
+        transport.pair = pair
+        helper = threading.Thread(target=run_backward, name="moetron-fb-backward", daemon=True)
         try:
-            out = forward.run()
+            helper.start()
+            try:
+                out = forward.run()
+            finally:
+                token.release("F")
+                helper.join()
         finally:
-            token.release("F")
-            helper.join()
-    finally:
-        STATE.forward_thread = STATE.token = None
-        for hook in hooks:
-            hook.remove()
-    if "error" in result:
-        raise result["error"]
-    return out, result["grads"]
+            transport.pair = None
+            for hook in hooks:
+                hook.remove()
+        if "error" in result:
+            raise result["error"]
+        return out, result["grads"]
 
 
 _COMM_NODES = ("_DispatchGradBackward", "_CombineGradBackward")  # moetron.comm's differentiable transfers

@@ -11,18 +11,18 @@ from __future__ import annotations
 import torch
 
 from .layout import EPGroup
-from .transport import Hop, choice_mask, make_hop
+from .transport import Hop, Transport, choice_mask, make_hop
 
 
-def rail_hop(ep: EPGroup, dest: torch.Tensor) -> Hop:
+def rail_hop(transport: Transport, ep: EPGroup, dest: torch.Tensor) -> Hop:
     """Hop 1 from the home rank. dest [T, K]: EP rank of every choice. Rail member n = node n."""
     remote = [n != ep.node for n in range(ep.num_nodes)]
-    return make_hop(ep.rail, ep.node, remote, choice_mask(dest // ep.local_size, ep.num_nodes))
+    return make_hop(transport, ep.rail, ep.node, remote, choice_mask(dest // ep.local_size, ep.num_nodes))
 
 
-def intra_node_hop(ep: EPGroup, dest: torch.Tensor) -> Hop:
+def intra_node_hop(transport: Transport, ep: EPGroup, dest: torch.Tensor) -> Hop:
     """Hop 2 at the rail peer. dest [N, K]: EP rank of every choice of the rows hop 1 delivered; only the
     choices on this node are forwarded (the others are served by other nodes' copies of the row)."""
     here = dest // ep.local_size == ep.node
     target = torch.where(here, dest % ep.local_size, -1)
-    return make_hop(ep.intra, ep.local, [False] * ep.local_size, choice_mask(target, ep.local_size))
+    return make_hop(transport, ep.intra, ep.local, [False] * ep.local_size, choice_mask(target, ep.local_size))

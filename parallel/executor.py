@@ -58,14 +58,20 @@ class ForwardJob:
 
 @dataclass
 class BackwardJob:
-    """The backward half of a step: `backward.full()` computes weight and input gradients."""
+    """The backward half of an F&B pair: the input gradients (B), then the weight gradients (W) unless the
+    action defers them to a W action (Op.B). Only B lies on the path to the next transfer (the previous
+    stage, an all-to-all of gradients), so an overlapped pair issues its transfers sooner and the weight
+    GEMMs run while they are in flight (SPEC §3.1: DualPipe splits a backward chunk into B and W)."""
 
     action: Action
     module: nn.Module
     backward: ChunkBackward
 
     def run(self) -> list[torch.Tensor | None]:
-        return self.backward.full()
+        grads = self.backward.inputs_only()
+        if self.action.op != Op.B:
+            self.backward.weights()
+        return grads
 
 
 def sequential_forward_backward(forward: ForwardJob, backward: BackwardJob) -> tuple[torch.Tensor, list]:

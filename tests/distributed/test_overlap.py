@@ -16,10 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import small_model_config
-from moetron.comm import world_ep_group
-from moetron.comm.intercept import recording, use_link_model
-from moetron.comm.link_model import LinkModel
-from moetron.comm.overlap import enable_overlap, overlapped_forward_backward, sequential_forward_backward
+from moetron.comm import LinkModel, Recorder, Transport, world_ep_group
+from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap, sequential_forward_backward
 from moetron.parallel.actions import Action, Op
 from moetron.parallel.executor import BackwardJob, ForwardJob
 from moetron.parallel.local import run_local
@@ -36,14 +34,14 @@ SEQ = 4
 class Stage(nn.Module):
     """Blocks as one pipeline stage (one tensor in, one out)."""
 
-    def __init__(self, cfg, ep, mode: str):
+    def __init__(self, cfg, ep, mode: str, transport: Transport):
         super().__init__()
         torch.manual_seed(0)
         self.cfg = cfg
         self.blocks = nn.ModuleList([Block(cfg, moe=False), Block(cfg, moe=True), Block(cfg, moe=True)])
         for p in self.parameters():
             nn.init.normal_(p, std=0.1)
-        apply_expert_parallel(self, ep, mode)
+        apply_expert_parallel(self, ep, mode, transport=transport)
 
     def forward(self, h):
         cos, sin = rope_cos_sin(torch.arange(h.shape[1]), self.cfg.qk_rope_head_dim, self.cfg.rope_theta,
@@ -85,9 +83,9 @@ def run_pair(stage, hook, op=Op.BW):
             + [p.grad.clone() for p in stage.parameters() if p.grad is not None])
 
 
-def check(stage, name, op=Op.BW):
+def check(stage, transport, name, op=Op.BW):
     reference = run_pair(stage, sequential_forward_backward, op)
-    overlapped = run_pair(stage, overlapped_forward_backward, op)
+    overlapped = run_pair(stage, OverlappedForwardBackward(transport), op)
     assert len(reference) == len(overlapped) > 10, name
     for i, (a, b) in enumerate(zip(reference, overlapped)):
         assert torch.equal(a, b), f"rank {dist.get_rank()} {name}: tensor {i} differs"
@@ -99,22 +97,25 @@ def run_checks(rank: int, world: int) -> None:
     cfg = small_model_config(n_group=2, topk_group=1, num_hidden_layers=3)
 
     # Without twins the backward side refuses to share the forward side's groups.
-    stage = Stage(cfg, ep, "flat")
+    transport = Transport()
+    stage = Stage(cfg, ep, "flat", transport)
     with pytest.raises(RuntimeError, match="twin"):
-        run_pair(stage, overlapped_forward_backward)
+        run_pair(stage, OverlappedForwardBackward(transport))
+    assert transport.pair is None  # the failed pair left nothing behind
     dist.barrier()
 
-    twin = enable_overlap(ep, partition, 2)
+    twin = enable_overlap(transport, ep, partition, 2)
     assert twin.ranks == ep.ranks and twin.group is not ep.group
     for mode in ("flat", "two_hop"):
-        stage = Stage(cfg, ep, mode)
-        check(stage, mode)
-        check(stage, f"{mode} B-only", Op.B)
+        stage = Stage(cfg, ep, mode, transport)
+        check(stage, transport, mode)
+        check(stage, transport, f"{mode} B-only", Op.B)
     cfg4 = small_model_config(n_group=4, topk_group=2, num_hidden_layers=3)
-    stage = Stage(cfg4, ep, "two_hop")
+    stage = Stage(cfg4, ep, "two_hop", transport)
     link = LinkModel(ranks_per_node=2, scale=2e-5, latency_s=1e-4)
-    with use_link_model(link), recording() as rec:
-        check(stage, "two_hop, link model, M=2")
+    transport.link, transport.recorder = link, Recorder()
+    check(stage, transport, "two_hop, link model, M=2")
+    rec, transport.link, transport.recorder = transport.recorder, None, None
     assert link.transfers > 0
     roles = {s.role for s in rec.spans}
     assert {"F", "B", "-"} <= roles, roles  # both sides of the pair communicated, and the reference

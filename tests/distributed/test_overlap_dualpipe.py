@@ -1,5 +1,5 @@
 """DualPipe with expert parallelism through the pipeline executor: a step with overlapped F&B
-(forward_backward=overlapped_forward_backward) gives bitwise the losses and gradients of a step with the
+(forward_backward=OverlappedForwardBackward(transport)) gives bitwise the losses and gradients of a step with the
 executor's sequential F&B. 4 gloo processes as 2 nodes x 2 ranks: pipeline groups {0,1} and {2,3} (PP 2,
 inside a node), EP groups {0,2} and {1,3} (across the nodes, two-hop dispatch), each stage one MoE block."""
 
@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from helpers import small_model_config
-from moetron.comm import new_ep_groups
-from moetron.comm.intercept import recording
-from moetron.comm.overlap import enable_overlap, overlapped_forward_backward
+from moetron.comm import Recorder, Transport, new_ep_groups
+from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap
 from moetron.parallel.actions import FB
 from moetron.parallel.executor import PipelineExecutor
 from moetron.parallel.local import run_local
@@ -25,14 +24,14 @@ SEQ, CHUNKS = 4, 4
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg, ep, stage: int):
+    def __init__(self, cfg, ep, stage: int, transport: Transport):
         super().__init__()
         torch.manual_seed(stage)
         self.cfg = cfg
         self.block = Block(cfg, moe=True)
         for p in self.block.parameters():
             nn.init.normal_(p, std=0.1)
-        apply_expert_parallel(self, ep, "two_hop")
+        apply_expert_parallel(self, ep, "two_hop", transport=transport)
 
     def forward(self, h):
         cos, sin = rope_cos_sin(torch.arange(h.shape[1]), self.cfg.qk_rope_head_dim, self.cfg.rope_theta,
@@ -50,23 +49,25 @@ def run(rank: int, world: int) -> None:
     partition = [[0, 2], [1, 3]]
     ep = new_ep_groups(partition, ranks_per_node=2)
     assert ep.num_nodes == 2
-    enable_overlap(ep, partition, ranks_per_node=2)
+    transport = Transport()
+    enable_overlap(transport, ep, partition, ranks_per_node=2)
     cfg = small_model_config(n_group=2, topk_group=1)
     schedule = build_schedule("dualpipe", 2, CHUNKS)
     me = dist.get_rank(pp_group)
-    stages = {sid: Stage(cfg, ep, sid.stage) for sid in schedule.stages_of(me)}
+    stages = {sid: Stage(cfg, ep, sid.stage, transport) for sid in schedule.stages_of(me)}
     g = torch.Generator().manual_seed(rank // 2)  # a data-parallel replica's batch
     inputs = torch.randn(2 * CHUNKS, SEQ, cfg.hidden_size, generator=g)
     targets = torch.randn(2 * CHUNKS, SEQ, cfg.hidden_size, generator=g)
     assert any(isinstance(step, FB) for step in schedule.steps[me])
 
     results = []
-    for hook in (None, overlapped_forward_backward):
+    for hook in (None, OverlappedForwardBackward(transport)):
         for module in stages.values():
             module.zero_grad(set_to_none=True)
         executor = PipelineExecutor(schedule, stages, loss_fn, group=pp_group, forward_backward=hook)
-        with recording() as rec:
-            result = executor.step(inputs, targets)
+        rec = transport.recorder = Recorder()
+        result = executor.step(inputs, targets)
+        transport.recorder = None
         roles = {s.role for s in rec.spans}
         assert ("B" in roles) == (hook is not None), roles
         grads = [p.grad.clone() for m in stages.values() for p in m.parameters() if p.grad is not None]

@@ -26,6 +26,9 @@ class ParallelConfig:
     recompute: bool = False  # recompute every RMSNorm and the MLA up-projections in backward
     ema: bool = False  # keep an exponential moving average of the weights in CPU memory (saved in checkpoints)
     ema_decay: float = 0.999
+    # > 0: time the all-to-alls by comm/link_model.py (NVLink 160 / IB 50 GB/s times this factor) instead of
+    # the local transport's own speed, for studies of layouts and overlap on a small machine. 0: off.
+    link_model_scale: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -36,6 +39,8 @@ def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> Non
     for name in ("pp", "dp", "ep", "tp"):
         if getattr(parallel, name) < 1:
             raise invalid(f"{prefix}.{name}", getattr(parallel, name), "a positive integer")
+    if parallel.link_model_scale < 0:
+        raise invalid(f"{prefix}.link_model_scale", parallel.link_model_scale, "0 (off) or a positive factor")
     if parallel.ranks_per_node < 0:
         raise invalid(f"{prefix}.ranks_per_node", parallel.ranks_per_node, "0 (from the launcher) or a positive integer")
     if parallel.dp % parallel.ep:

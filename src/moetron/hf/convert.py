@@ -90,29 +90,42 @@ def load_run_config(path: Path) -> MoetronConfig:
 
 
 def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model tensors of a moetron DCP checkpoint (with or without optimizer state), checked against `cfg`."""
+    """The model tensors of a moetron DCP checkpoint (with or without optimizer state), checked against `cfg`.
+    A distributed run's checkpoint stores each routed expert on its own (model.<stack>.<global id>): those
+    are stacked back into the single-process layout."""
     try:
         stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} cannot be read ({type(err).__name__}: {err}). Valid: a complete "
                           "checkpoint written by moetron (checkpoints/step_NNNNNNNN with its .metadata file).") from err
-    state = {}
+    state, slices = {}, {}  # slices: stack name -> its experts' tensors (a distributed run's checkpoint)
     for name, shape in expected_state(cfg).items():
         meta = stored.get(f"model.{name}")
-        if meta is None or not hasattr(meta, "size"):
+        if meta is None and f"model.{name}.0" in stored:  # routed experts stored one per global expert id
+            slices[name] = [torch.empty(shape[1:], dtype=stored[f"model.{name}.0"].properties.dtype)
+                            for _ in range(shape[0])]
+            meta = stored.get(f"model.{name}.{shape[0] - 1}")
+            if meta is None or f"model.{name}.{shape[0]}" in stored:
+                raise ConfigError(f"Checkpoint {step_dir} does not hold exactly {shape[0]} experts for `{name}`, as "
+                                  "the run's config.yaml implies. Valid: a checkpoint of the model config.yaml describes.")
+            meta_shape = [shape[0], *meta.size]
+        elif meta is None or not hasattr(meta, "size"):
             raise ConfigError(f"Checkpoint {step_dir} has no tensor `{name}`, which the run's config.yaml implies. "
                               "Valid: a checkpoint of the model that config.yaml describes.")
-        if tuple(meta.size) != tuple(shape):
-            raise ConfigError(f"Tensor `{name}` in checkpoint {step_dir} has shape {list(meta.size)}, but the run's "
+        else:
+            meta_shape = list(meta.size)
+            state[name] = torch.empty(shape, dtype=meta.properties.dtype)
+        if tuple(meta_shape) != tuple(shape):
+            raise ConfigError(f"Tensor `{name}` in checkpoint {step_dir} has shape {meta_shape}, but the run's "
                               f"config.yaml implies {list(shape)}. Valid: a checkpoint of the model config.yaml describes.")
-        state[name] = torch.empty(shape, dtype=meta.properties.dtype)
+    flat = {**state, **{f"{name}.{i}": t for name, ts in slices.items() for i, t in enumerate(ts)}}
     try:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": state}, checkpoint_id=str(step_dir))
+            dcp.load({"model": flat}, checkpoint_id=str(step_dir))
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
-    return state
+    return {**state, **{name: torch.stack(ts) for name, ts in slices.items()}}
 
 
 def _tokenizer_eos(config: MoetronConfig) -> tuple[int | None, Path | None]:

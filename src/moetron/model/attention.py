@@ -35,17 +35,30 @@ class MLA(nn.Module):
         if cfg.rope_scaling.type == "yarn":
             self.softmax_scale *= yarn_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
 
-    def query(self, h: torch.Tensor) -> torch.Tensor:
-        if self.compress_q:
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(h)))
-        return self.q_proj(h)
-
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = h.shape
-        q = self.query(h).view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return self.o_proj(self.latent_attention(*self.down_project(h), cos, sin))
 
+    def latent_attention(self, c_q: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+        """Latents -> attention output [batch, seq, heads x v dim] (the input of W_O). Selective recompute
+        (SPEC §3) recomputes all of it from the latents in backward, so neither the up-projections' outputs
+        nor the per-head q, k, v that the attention core reads are kept."""
+        return self.attend(*self.up_project(c_q, c_kv, k_rope, cos, sin))
+
+    def down_project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The latents: c_q = W_DQ h (h itself without query compression), c_kv and the shared RoPE key."""
+        c_q = self.q_a_proj(h) if self.compress_q else h
         c_kv, k_rope = self.kv_a_proj_with_mqa(h).split([self.kv_rank, self.rope_dim], dim=-1)
+        return c_q, c_kv, k_rope
+
+    def up_project(self, c_q: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents -> per-head q, k, v [batch, seq, heads, qk dim]: the latents' norms, the up-projections and
+        RoPE. v is zero-padded to the q/k dim, because fused SDPA kernels want one head dim for q, k and v."""
+        batch, seq, _ = c_kv.shape
+        q = self.q_b_proj(self.q_a_layernorm(c_q)) if self.compress_q else self.q_proj(c_q)
+        q_nope, q_rope = q.view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
@@ -53,13 +66,13 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.view(batch, seq, 1, self.rope_dim), cos, sin)  # one key head for all
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
-
-        # The attention core softmax(QK^T)V stays in high precision (SPEC §4). Fused SDPA kernels want one
-        # head dim for q, k and v: pad v with zeros to the q/k dim and drop the padding after.
         pad = q.shape[-1] - self.v_dim
-        v = F.pad(v, (0, pad)) if pad > 0 else v
+        return q, k, F.pad(v, (0, pad)) if pad > 0 else v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core softmax(QK^T)V, in high precision (SPEC §4)."""
+        batch, seq = q.shape[:2]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )
-        out = out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
-        return self.o_proj(out)
+        return out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)

@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetron.comm import CommStats, Dispatcher, EPGroup, run_local_experts
+from moetron.comm import CommStats, Dispatcher, EPGroup, Transport, run_local_experts
 from moetron.config.errors import invalid
 from moetron.model.moe import GroupedExperts, MoE, Routing, _AttachAuxLoss, sequence_balance_loss
 
 
 class ExpertParallelMoE(MoE):
     def __init__(self, moe: MoE, ep: EPGroup, mode: str = "two_hop", fp8_dispatch: bool = False,
-                 combine_dtype: torch.dtype | None = None, stats: CommStats | None = None):
+                 combine_dtype: torch.dtype | None = None, stats: CommStats | None = None,
+                 transport: Transport | None = None):
         nn.Module.__init__(self)  # built from an existing MoE, not from a config
         num_experts = moe.num_experts
         per_rank = ep.experts_per_rank(num_experts)
@@ -47,7 +48,7 @@ class ExpertParallelMoE(MoE):
             block = slice(self.expert_offset, self.expert_offset + per_rank)
             self.experts.gate_up_proj.copy_(full.gate_up_proj[block])
             self.experts.down_proj.copy_(full.down_proj[block])
-        self.dispatcher = Dispatcher(ep, num_experts, mode, fp8_dispatch, combine_dtype, stats)
+        self.dispatcher = Dispatcher(ep, num_experts, mode, fp8_dispatch, combine_dtype, stats, transport)
         device = moe.tokens_per_expert.device
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, device=device), persistent=False)
         self.register_buffer("balance_loss_sum", torch.zeros((), device=device), persistent=False)
@@ -88,11 +89,15 @@ class ExpertParallelMoE(MoE):
 
 
 def apply_expert_parallel(model: nn.Module, ep: EPGroup, mode: str = "two_hop", fp8_dispatch: bool = False,
-                          combine_dtype: torch.dtype | None = None, stats: CommStats | None = None) -> nn.Module:
-    """Replace every MoE in `model` (in place) by an ExpertParallelMoE holding this rank's experts."""
+                          combine_dtype: torch.dtype | None = None, stats: CommStats | None = None,
+                          transport: Transport | None = None) -> nn.Module:
+    """Replace every MoE in `model` (in place) by an ExpertParallelMoE holding this rank's experts; all of
+    them count bytes into `stats` and talk through `transport` (each created if omitted)."""
     stats = stats if stats is not None else CommStats()
+    transport = transport if transport is not None else Transport()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
-                setattr(parent, name, ExpertParallelMoE(child, ep, mode, fp8_dispatch, combine_dtype, stats))
+                setattr(parent, name, ExpertParallelMoE(child, ep, mode, fp8_dispatch, combine_dtype, stats,
+                                                                transport))
     return model

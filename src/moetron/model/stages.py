@@ -109,40 +109,33 @@ def share_embedding(first: PipelineStage, last: PipelineStage) -> None:
 
 
 def apply_selective_recompute(module: nn.Module) -> int:
-    """SPEC §3's selective recompute, applied from outside: every RMSNorm, and each MLA up-projection
-    together with the norm of its latent (q_a_layernorm -> q_b_proj, kv_a_layernorm -> kv_b_proj), run
-    under non-reentrant activation checkpointing, so backward recomputes them from their inputs instead of
-    keeping their FP32 intermediates and the normed latents. Parameter names do not change. Returns the
-    number of regions wrapped."""
+    """SPEC §3's selective recompute, applied from outside: every RMSNorm, and each MLA from its latents to
+    the attention output (MLA.latent_attention: the latents' norms, the up-projections, RoPE and the
+    attention core, as Megatron's selective recompute does for the core), run under non-reentrant activation
+    checkpointing, so backward recomputes them from their inputs instead of keeping the norms' FP32
+    intermediates, the normed latents, the up-projections' outputs and the per-head q, k, v. Parameter names
+    do not change. Returns the number of regions wrapped."""
     from torch.utils.checkpoint import checkpoint
 
     from moetron.model.attention import MLA
     from moetron.model.norm import RMSNorm
 
     def recomputed(fn):
-        def forward(x):
-            if not (torch.is_grad_enabled() and x.requires_grad):
-                return fn(x)
-            return checkpoint(fn, x, use_reentrant=False)
+        def forward(*args):
+            if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+                return fn(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
         return forward
 
-    fused = set()
+    inside = set()  # norms inside a recomputed attention
     count = 0
     for m in module.modules():
         if isinstance(m, MLA):
-            pairs = [("kv_a_layernorm", "kv_b_proj")] + ([("q_a_layernorm", "q_b_proj")] if m.compress_q else [])
-            for norm_name, proj_name in pairs:
-                norm, proj = getattr(m, norm_name), getattr(m, proj_name)
-                if id(norm) in fused:
-                    continue
-                norm_fwd, proj_fwd = norm.forward, proj.forward
-                norm.forward = lambda x: x  # folded into the projection's recomputed region
-                proj.forward = recomputed(lambda x, n=norm_fwd, p=proj_fwd: p(n(x)))
-                fused.add(id(norm))
-                count += 1
+            m.latent_attention = recomputed(m.latent_attention)
+            inside.update(id(n) for n in (m.kv_a_layernorm, getattr(m, "q_a_layernorm", None)) if n is not None)
+            count += 1
     for m in module.modules():
-        if isinstance(m, RMSNorm) and id(m) not in fused:
+        if isinstance(m, RMSNorm) and id(m) not in inside:
             m.forward = recomputed(m.forward)
-            fused.add(id(m))
             count += 1
     return count

@@ -10,7 +10,8 @@ preemption, exact resume -- is the same code):
   with EP > 1 every MoE's routed experts are sharded over the EP group (model/moe_ep.py), whose groups
   for node-limited routing are its nodes. The first and last stage share the embedding Parameter where
   one rank holds both (DualPipe, DualPipeV); elsewhere (1F1B/ZB1P with PP > 1 and MTP) the two copies'
-  gradients are summed over a small "embedding" group.
+  gradients are summed over a small "embedding" group. With fp8 on, the stages are converted after the
+  sharding (this rank's experts run the FP8 grouped GEMMs) and the dispatch payload is sent in FP8.
 - step: each DP replica takes its slice of the global batch and runs the schedule's micro-batches
   through the PipelineExecutor (which also sums DualPipe's mirrored stage copies). Then: dense gradients
   are averaged over the DP group, routed-expert gradients over the expert-data-parallel group (same
@@ -34,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from moetron.comm import LinkModel, Transport
 from moetron.config import ConfigError, MoetronConfig, invalid
 from moetron.model.moe import MoE
 from moetron.model.stages import PipelineStage, apply_selective_recompute, share_embedding
@@ -142,11 +144,19 @@ class DistributedTrainer(Trainer):
         lasts = [s for sid, s in stages.items() if sid.stage == self.num_stages - 1]
         if firsts and lasts and self.num_stages > 1:
             share_embedding(firsts[0], lasts[0])
+        # One transport for every MoE layer of this rank: the link model (parallel.link_model_scale > 0) and
+        # the overlap of F&B pairs apply to all of them.
+        self.transport = Transport(link=LinkModel(self.ranks_per_node, scale=par.link_model_scale)
+                                   if par.link_model_scale > 0 else None)
         if par.ep > 1:
             from moetron.model.moe_ep import apply_expert_parallel
 
-            for stage in stages.values():
-                apply_expert_parallel(stage, self.mesh.ep)
+            for stage in stages.values():  # with fp8 on, the dispatch payload travels in E4M3 (SPEC §3.2)
+                apply_expert_parallel(stage, self.mesh.ep, fp8_dispatch=cfg.fp8.enabled, transport=self.transport)
+        # FP8 after the expert sharding, so that this rank's block of experts (a new GroupedExperts) gets the
+        # FP8 grouped GEMMs, and before recompute, which wraps the forwards of the modules it finds.
+        for stage in stages.values():
+            self.apply_fp8(stage)
         if par.recompute:
             for stage in stages.values():
                 apply_selective_recompute(stage)
@@ -302,10 +312,10 @@ class DistributedTrainer(Trainer):
         self._overlapped = None
         if not (self.cfg.parallel.overlap and self.cfg.parallel.ep > 1):
             return
-        from moetron.comm.overlap import enable_overlap, overlapped_forward_backward
+        from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap
 
-        enable_overlap(self.mesh.ep, self.mesh.layout.ep_groups(), self.ranks_per_node)
-        self._overlapped = overlapped_forward_backward
+        enable_overlap(self.transport, self.mesh.ep, self.mesh.layout.ep_groups(), self.ranks_per_node)
+        self._overlapped = OverlappedForwardBackward(self.transport)
 
     def _loss_fn(self, out, target: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx

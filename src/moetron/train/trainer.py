@@ -60,11 +60,7 @@ class Trainer:
             )
         torch.manual_seed(config.run.seed)
         self.model = DeepSeekV3(config.model)
-        if config.fp8.enabled:  # before the optimizer: the conversion keeps the same Parameter objects anyway
-            from moetron.fp8.convert import convert_to_fp8
-
-            convert_to_fp8(self.model, config.fp8.backend, config.fp8.power_of_two_scales)
-        self.setup_parallel()
+        self.setup_parallel()  # also converts to FP8 when fp8.enabled (before the optimizer, same Parameters)
         self.optimizer = self.build_optimizer()
         self.checkpoints = self.build_checkpoints()
         self.metrics = self.log_file(JsonLines, "metrics.jsonl")
@@ -83,7 +79,16 @@ class Trainer:
     is_writer = True  # the one process that writes metrics, events, config.yaml and shows the progress bar
 
     def setup_parallel(self) -> None:
-        """Split the model over the ranks; nothing to do on one process."""
+        """Split the model over the ranks (nothing to split on one process) and apply fp8."""
+        self.apply_fp8(self.model)
+
+    def apply_fp8(self, module: torch.nn.Module) -> None:
+        """fp8.enabled: run `module`'s FP8-eligible GEMMs in FP8 (fp8/convert.py: attention projections, dense
+        and shared-expert FFNs, MTP eh_proj, routed experts), in place, keeping the Parameter objects."""
+        if self.cfg.fp8.enabled:
+            from moetron.fp8.convert import convert_to_fp8
+
+            convert_to_fp8(module, self.cfg.fp8.backend, self.cfg.fp8.power_of_two_scales)
 
     def build_optimizer(self):
         return MasterAdamW(self.model.named_parameters(), self.cfg.train.optim)

@@ -1,0 +1,35 @@
+"""A recorder of when each collective of a Transport was issued and waited for, and of when a side of an
+overlapped F&B pair waited for its turn to compute: the timeline of benchmarks/overlap.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Span:
+    rank: int
+    role: str  # "F" (forward chunk), "B" (backward chunk) or "-" (not inside an F&B pair)
+    kind: str  # "comm": issue -> data usable; "wait": the thread blocked on it; "token": waited to compute
+    start: float  # time.perf_counter() seconds
+    end: float
+    what: str = ""  # counts, dispatch, combine, combine-bwd (a dispatch of gradients), dispatch-bwd
+
+
+@dataclass
+class Recorder:
+    """Collects Spans and labelled marks; thread-safe (both sides of a pair record into it)."""
+
+    spans: list[Span] = field(default_factory=list)
+    marks: list[tuple[int, str, str, float]] = field(default_factory=list)  # (rank, role, label, time)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, span: Span) -> None:
+        with self._lock:
+            self.spans.append(span)
+
+    def mark(self, rank: int, role: str, label: str) -> None:
+        with self._lock:
+            self.marks.append((rank, role, label, time.perf_counter()))
