@@ -18,7 +18,8 @@ Three set-ups:
                           compute); the compute is this CPU's, and 4 ranks on 2 cores are bound by the cores
                           (the CPU ceiling below says how far);
   link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate holding its side's compute
-                          token (rate: --compute-scale x slower than this CPU), so the cores no longer bound the
+                          token, and so does the attention core (rate: --compute-scale x slower than this CPU's
+                          compute of the pair), so the cores no longer bound the
                           pair and what is measured is what the schedule hides, as on GPUs.
 The default --comm-ratio 2/3 gives each chunk's all-to-alls the time the forward chunk computes (backward
 = 2 x forward); a backward chunk's own chain (its compute, then its transfers, which wait for it) is then as
@@ -69,6 +70,7 @@ from moetron.parallel.weight_grad import ChunkBackward
 from torch import nn
 
 from moetron.config import ModelConfig
+from moetron.model.attention import MLA
 from moetron.model.block import Block
 from moetron.model.moe_ep import apply_expert_parallel
 from moetron.model.rope import rope_cos_sin
@@ -106,6 +108,13 @@ class Stage(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), self.cfg.qk_rope_head_dim,
                                 self.cfg.rope_theta, self.cfg.rope_scaling)
         return self.block(h, cos, sin)
+
+
+def attention_core_flops(module, inputs, output) -> float:
+    """A causal attention core's FLOPs (QK^T and PV over half the score matrix) inside one MLA call."""
+    batch, seq = output.shape[:2]
+    per_head = module.nope_dim + module.rope_dim + module.v_dim
+    return 2.0 * batch * module.n_heads * seq * seq * per_head / 2
 
 
 def loss_fn(out, target):
@@ -282,13 +291,14 @@ def worker(rank: int, world: int, args, raw_path: str) -> None:
     timelines = {"link_model": gathered(recorder, out["link_model"]["start"] - 1e-3)}
     # link and compute model: GEMMs charged at a modelled rate (compute_scale x slower than this CPU's own
     # compute of the pair), and the links scaled to comm_ratio x that modelled compute
-    counter = ComputeModel(flops_per_s=1.0, sleep=lambda seconds: None)
+    core = {MLA: attention_core_flops}
+    counter = ComputeModel(flops_per_s=1.0, extra_flops=core, sleep=lambda seconds: None)
     handles = counter.attach(bench.stage)
     bench.pair(sequential_forward_backward, recorder)
     for handle in handles:
         handle.remove()
     flops = max_over_ranks(counter.modelled_s)  # a pair's forward + backward FLOPs (at 1 FLOP/s)
-    compute_model = ComputeModel(flops_per_s=flops / (args.compute_scale * compute))
+    compute_model = ComputeModel(flops_per_s=flops / (args.compute_scale * compute), extra_flops=core)
     handles = compute_model.attach(bench.stage)
     modelled_compute = args.compute_scale * compute
     scale_m = link_scale(bench, recorder, modelled_compute, args.comm_ratio, args.ranks_per_node)

@@ -69,6 +69,9 @@ def _weight_shares(module: nn.Module) -> list[tuple[torch.Tensor, float]]:
 @dataclass
 class ComputeModel:
     flops_per_s: float  # the modelled accelerator's achieved rate
+    # Other modules to charge, by type: flops(module, inputs, output) of their own forward beyond their child
+    # modules' GEMMs (e.g. an attention core), charged after the forward and twice that in backward (B only).
+    extra_flops: dict[type, Callable] = field(default_factory=dict)
     sleep: Callable[[float], None] = time.sleep
     modelled_s: float = 0.0  # forward + backward seconds charged so far
     _last: dict = field(default_factory=dict, repr=False)  # module -> seconds of its latest forward
@@ -85,6 +88,8 @@ class ComputeModel:
         hook handles (remove them to detach)."""
         handles = []
         for m in module.modules():
+            if type(m) in self.extra_flops:
+                handles.append(m.register_forward_hook(self._charge_extra))
             if has_gemms(m):
                 handles.append(m.register_forward_hook(self._charge))
                 for weight, share in _weight_shares(m):
@@ -98,6 +103,14 @@ class ComputeModel:
         self.sleep(seconds)
         if output.requires_grad:
             return _ChargeBackward.apply(output, seconds, self.sleep)
+        return output
+
+    def _charge_extra(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        seconds = self.extra_flops[type(module)](module, inputs, output) / self.flops_per_s
+        self.modelled_s += 3 * seconds
+        self.sleep(seconds)
+        if output.requires_grad:
+            return _ChargeBackward.apply(output, 2 * seconds, self.sleep)
         return output
 
     def _charge_w(self, module: nn.Module, share: float) -> None:

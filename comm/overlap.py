@@ -9,9 +9,11 @@ model to cut its layers into callables, the pair runs as two coroutines: the for
 thread. A compute token lets one side compute at a time (as on a GPU's one compute stream): a side hands it
 over whenever it starts to wait for a collective of its Transport, and takes it back at its next compute
 step (the next module call in the forward; after the backward node of dispatch / combine in the backward).
-The backward side has priority: it is the longer chain (its compute is about twice the forward's, and each
-of its transfers waits for that compute), so the forward hands the token over at its next module call
-whenever the backward wants it, and fills the backward's waits for transfers.
+While the backward still has transfers to issue it has priority: it is the longer chain (its compute is
+about twice the forward's, and each of its transfers waits for that compute), so the forward hands the
+token over at its next module call whenever the backward wants it, and fills the backward's waits. The
+backward's work after its last transfer (attention B, the W GEMMs) hides nothing: from then on the
+forward, which still has transfers ahead, goes first, the backward handing over at its next autograd node.
 The backward starts, so the pattern is DualPipe's:
 
     backward  tail ─┐ combine-bwd ···· experts-bwd ─┐ dispatch-bwd ···· attention-bwd ─┐ ...
@@ -94,22 +96,36 @@ class ComputeToken:
 
 
 class _Pair:
-    """A running overlapped F&B pair, as its Transport sees it."""
+    """A running overlapped F&B pair, as its Transport sees it, and who may compute when both want to."""
 
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, backward_transfers: int):
         self.forward_thread = threading.get_ident()
         self.token = ComputeToken(transport)
+        self.backward_transfers_left = backward_transfers  # dispatch / combine backward nodes not yet run
 
     def role(self) -> str:
         return "F" if threading.get_ident() == self.forward_thread else "B"
 
     def compute_step(self) -> None:
-        """A module call: the forward takes the token, handing it first to the backward if that waits for it
-        (the backward has priority). A recompute inside the backward calls modules too: it already holds it."""
+        """A module call: the forward takes the token, and hands it over at once to the backward if that
+        waits for it and still has transfers to issue (the backward's chain is the longer one). A recompute
+        inside the backward calls modules too: its side already holds the token."""
         who = self.role()
         self.token.acquire(who)
-        if who == "F":
+        if who == "F" and self.backward_transfers_left > 0:
             self.token.yield_to_waiting("F")
+
+    def backward_node(self) -> None:
+        """An autograd node of the backward is about to run. Once the backward has issued all its transfers,
+        its remaining work (attention B, the W GEMMs) hides nothing, so the forward, which still has
+        transfers ahead, goes first."""
+        if self.backward_transfers_left == 0:
+            self.token.yield_to_waiting("B")
+
+    def backward_transfer_done(self) -> None:
+        """The backward of a dispatch or combine has run (its transfer landed): the backward computes next."""
+        self.backward_transfers_left -= 1
+        self.token.acquire("B")
 
     def give_up_turn(self) -> None:
         """Called by a side that starts to wait for a transfer: the other side may compute meanwhile."""
@@ -144,16 +160,18 @@ class OverlappedForwardBackward:
         if transport.pair is not None:
             raise RuntimeError("overlapped F&B is not reentrant: a pair is already running on this transport")
         result: dict = {}
-        pair = _Pair(transport)
+        root = getattr(getattr(backward, "backward", None), "root", None)
+        comm, every = _graph_nodes(root.node if root is not None else None)
+        pair = _Pair(transport, len(comm))
         token = pair.token
         # Where a side that gave the token up (to wait for a transfer) takes it back: its next module call
-        # (forward side, which there also hands it to a waiting backward), after the backward of dispatch or
-        # combine (backward side).
+        # (forward side), after the backward of dispatch or combine (backward side). Where it hands the token
+        # over if the other side has priority: the same module calls, and every backward node.
         hooks = [module.register_forward_pre_hook(lambda module, args: pair.compute_step())
                  for module in forward.module.modules()]
-        root = getattr(getattr(backward, "backward", None), "root", None)
-        hooks += [node.register_hook(lambda grad_inputs, grad_outputs: token.acquire("B"))
-                  for node in _comm_nodes(root.node if root is not None else None)]
+        hooks += [node.register_hook(lambda grad_inputs, grad_outputs: pair.backward_transfer_done())
+                  for node in comm]
+        hooks += [node.register_prehook(lambda grad_outputs: pair.backward_node()) for node in every]
 
         def run_backward() -> None:
             token.acquire("B")  # the backward starts: its tail computes while the forward waits for the token
@@ -185,18 +203,19 @@ class OverlappedForwardBackward:
 _COMM_NODES = ("_DispatchGradBackward", "_CombineGradBackward")  # moetron.comm's differentiable transfers
 
 
-def _comm_nodes(root) -> list:
-    """The backward nodes of dispatch / combine under `root`."""
-    found, seen, stack = [], set(), [root]
+def _graph_nodes(root) -> tuple[list, list]:
+    """The backward nodes of dispatch / combine under `root`, and every node under it."""
+    comm, every, seen, stack = [], [], set(), [root]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        every.append(node)
         if type(node).__name__ in _COMM_NODES or node.name() in _COMM_NODES:
-            found.append(node)
+            comm.append(node)
         stack.extend(child for child, _ in node.next_functions)
-    return found
+    return comm, every
 
 
 def sequential_forward_backward(forward, backward) -> tuple:

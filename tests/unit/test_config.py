@@ -3,7 +3,7 @@
 import pytest
 from helpers import small_model_config
 
-from moetron.config import ConfigError, ModelConfig, MoetronConfig, TrainConfig
+from moetron.config import ConfigError, ModelConfig, MoetronConfig, ParallelConfig, TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,19 @@ def test_bad_model_values_name_the_field(overrides, field):
 def test_bad_train_values_name_the_field(train, field):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         MoetronConfig(train=train).validate()
+
+
+@pytest.mark.parametrize(
+    "parallel, field",
+    [
+        (ParallelConfig(ep_dispatch="deepep"), "parallel.ep_dispatch"),
+        (ParallelConfig(link_model_scale=-1.0), "parallel.link_model_scale"),
+        (ParallelConfig(schedule="gpipe"), "parallel.schedule"),
+    ],
+)
+def test_bad_parallel_values_name_the_field(parallel, field):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        MoetronConfig(parallel=parallel).validate()
 
 
 def test_seq_len_beyond_positions_is_refused():

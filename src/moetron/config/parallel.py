@@ -16,6 +16,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (1: none, as in the DeepSeek-V3 production layout)
     schedule: str = "1f1b"  # 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int = 0  # 0: the launcher's local world size (LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE)
+    ep_dispatch: str = "two_hop"  # two_hop (across nodes once per node, then inside the node) | flat
     overlap: bool = True  # overlap all-to-all with computation in F&B pairs (when moetron.comm.overlap is there)
     # tp-dp-pp: a stage's DP (and EP) ranks are neighbours, i.e. on one node when they fit (Megatron's order);
     # tp-pp-dp: the pipeline ranks are neighbours, so DP/EP groups span the nodes (the SPEC §3 layout:
@@ -39,6 +40,8 @@ def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> Non
     for name in ("pp", "dp", "ep", "tp"):
         if getattr(parallel, name) < 1:
             raise invalid(f"{prefix}.{name}", getattr(parallel, name), "a positive integer")
+    if parallel.ep_dispatch not in ("two_hop", "flat"):
+        raise invalid(f"{prefix}.ep_dispatch", parallel.ep_dispatch, "'two_hop' or 'flat'")
     if parallel.link_model_scale < 0:
         raise invalid(f"{prefix}.link_model_scale", parallel.link_model_scale, "0 (off) or a positive factor")
     if parallel.ranks_per_node < 0:

@@ -152,7 +152,8 @@ class DistributedTrainer(Trainer):
             from moetron.model.moe_ep import apply_expert_parallel
 
             for stage in stages.values():  # with fp8 on, the dispatch payload travels in E4M3 (SPEC §3.2)
-                apply_expert_parallel(stage, self.mesh.ep, fp8_dispatch=cfg.fp8.enabled, transport=self.transport)
+                apply_expert_parallel(stage, self.mesh.ep, par.ep_dispatch, fp8_dispatch=cfg.fp8.enabled,
+                                      transport=self.transport)
         # FP8 after the expert sharding, so that this rank's block of experts (a new GroupedExperts) gets the
         # FP8 grouped GEMMs, and before recompute, which wraps the forwards of the modules it finds.
         for stage in stages.values():
