@@ -97,20 +97,21 @@ class ComputeModel:
         return handles
 
     def _charge(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        """A GEMM module's forward: its own time now, as much again in backward for B (W: `_charge_w`)."""
         seconds = gemm_flops(module, inputs, output) / self.flops_per_s
         self._last[module] = seconds
-        self.modelled_s += 3 * seconds
-        self.sleep(seconds)
-        if output.requires_grad:
-            return _ChargeBackward.apply(output, seconds, self.sleep)
-        return output
+        return self._spend(seconds, output, backward_seconds=seconds, total=3 * seconds)
 
     def _charge_extra(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        """An `extra_flops` module's forward: its own time now, twice that in backward (no weights)."""
         seconds = self.extra_flops[type(module)](module, inputs, output) / self.flops_per_s
-        self.modelled_s += 3 * seconds
+        return self._spend(seconds, output, backward_seconds=2 * seconds, total=3 * seconds)
+
+    def _spend(self, seconds: float, output: torch.Tensor, backward_seconds: float, total: float):
+        self.modelled_s += total
         self.sleep(seconds)
         if output.requires_grad:
-            return _ChargeBackward.apply(output, 2 * seconds, self.sleep)
+            return _ChargeBackward.apply(output, backward_seconds, self.sleep)
         return output
 
     def _charge_w(self, module: nn.Module, share: float) -> None:

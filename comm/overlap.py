@@ -47,8 +47,8 @@ import threading
 import time
 
 from .layout import EPGroup, new_ep_groups
-from .recorder import Span
-from .transport import Transport, _rank
+from .recorder import Span, current_rank
+from .transport import Transport
 
 
 class ComputeToken:
@@ -76,7 +76,7 @@ class ComputeToken:
             self.owner = who
         recorder = self._transport.recorder
         if recorder is not None:
-            recorder.add(Span(_rank(), who, "token", start, time.perf_counter()))
+            recorder.add(Span(current_rank(), who, "token", start, time.perf_counter()))
 
     def release(self, who: str) -> None:
         with self._cv:

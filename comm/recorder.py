@@ -7,6 +7,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
+
+
+def current_rank() -> int:
+    """This process's global rank (0 without a process group): the rank a Span is recorded under."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
 
 @dataclass
 class Span:

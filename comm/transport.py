@@ -27,12 +27,8 @@ import torch.distributed as dist
 
 from .link_model import LinkModel
 from .payload import from_bytes, to_bytes
-from .recorder import Recorder, Span
+from .recorder import Recorder, Span, current_rank
 from .stats import CommStats
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Transport:
@@ -127,8 +123,8 @@ class Handle:
             self.work.wait()
         t1 = time.perf_counter()
         if transport.recorder is not None:
-            transport.recorder.add(Span(_rank(), self.role, "comm", self.issued, t1, self.what))
-            transport.recorder.add(Span(_rank(), self.role, "wait", t0, t1, self.what))
+            transport.recorder.add(Span(current_rank(), self.role, "comm", self.issued, t1, self.what))
+            transport.recorder.add(Span(current_rank(), self.role, "wait", t0, t1, self.what))
         return True
 
     def is_completed(self) -> bool:

@@ -58,7 +58,7 @@ class ForwardJob:
 
 @dataclass
 class BackwardJob:
-    """The backward half of an F&B pair: the input gradients (B), then the weight gradients (W) unless the
+    """The backward half of a step: the input gradients (B), then the weight gradients (W) unless the
     action defers them to a W action (Op.B). Only B lies on the path to the next transfer (the previous
     stage, an all-to-all of gradients), so an overlapped pair issues its transfers sooner and the weight
     GEMMs run while they are in flight (SPEC §3.1: DualPipe splits a backward chunk into B and W)."""
@@ -164,9 +164,7 @@ class PipelineExecutor:
                 del self._chunks[self._key(step)]
             else:
                 job = self._backward_job(step)
-                split = step.op == Op.B
-                grads = job.backward.inputs_only() if split else job.backward.full()
-                self._finish_backward(job, grads)
+                self._finish_backward(job, job.run())
             self.comm.poll()
         self.comm.flush()
         if self._chunks or len(self.weight_grads):
