@@ -22,7 +22,7 @@ The backward starts, so the pattern is DualPipe's:
 (···· a transfer in flight while the other side computes). The glue between the two hops of a two-hop
 transfer runs without the token, so the second hop is issued as soon as the first lands. The split
 follows the model's own structure (any number of layers, dense layers, MTP), and the arithmetic is the
-model's own forward and the executor's own backward (`backward.run()`, so a B-only chunk leaves its W
+model's own forward and the executor's own backward (`run_b_then_w()` or `run()`; a B-only chunk leaves its W
 to the WeightGradStore as usual): results are bitwise identical to sequential_forward_backward.
 
 The backward side issues its collectives on twin process groups (same ranks, created once at setup),
@@ -152,8 +152,11 @@ class OverlappedForwardBackward:
     here, each one's collectives in flight while the other computes. Equal, bit for bit, to
     sequential_forward_backward."""
 
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, split_backward: bool = True):
         self.transport = transport
+        # Run the backward chunk as B then W (its `run_b_then_w`, if it has one): its transfers go out before
+        # the weight GEMMs. Off where B cannot skip W (FP8 GEMMs compute both gradients in one backward).
+        self.split_backward = split_backward
 
     def __call__(self, forward, backward) -> tuple:
         transport = self.transport
@@ -176,7 +179,8 @@ class OverlappedForwardBackward:
         def run_backward() -> None:
             token.acquire("B")  # the backward starts: its tail computes while the forward waits for the token
             try:
-                result["grads"] = backward.run()
+                run = getattr(backward, "run_b_then_w", backward.run) if self.split_backward else backward.run
+                result["grads"] = run()
             except BaseException as error:  # re-raised on the calling thread
                 result["error"] = error
             finally:

@@ -58,16 +58,22 @@ class ForwardJob:
 
 @dataclass
 class BackwardJob:
-    """The backward half of a step: the input gradients (B), then the weight gradients (W) unless the
-    action defers them to a W action (Op.B). Only B lies on the path to the next transfer (the previous
-    stage, an all-to-all of gradients), so an overlapped pair issues its transfers sooner and the weight
-    GEMMs run while they are in flight (SPEC §3.1: DualPipe splits a backward chunk into B and W)."""
+    """The backward half of a step: input and weight gradients in one pass, or only the input gradients
+    when the action defers W to a W action (Op.B)."""
 
     action: Action
     module: nn.Module
     backward: ChunkBackward
 
     def run(self) -> list[torch.Tensor | None]:
+        return self.backward.inputs_only() if self.action.op == Op.B else self.backward.full()
+
+    def run_b_then_w(self) -> list[torch.Tensor | None]:
+        """The same gradients, with the weight gradients computed last (B, then W, unless deferred): only B
+        lies on the path to the next transfer (the previous stage, an all-to-all of gradients), so an
+        overlapped pair issues its transfers sooner and the weight GEMMs run while they are in flight
+        (SPEC §3.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
+        Function computing both gradients at once (our FP8 GEMMs) runs twice."""
         grads = self.backward.inputs_only()
         if self.action.op != Op.B:
             self.backward.weights()
