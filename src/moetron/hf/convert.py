@@ -98,14 +98,13 @@ def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} cannot be read ({type(err).__name__}: {err}). Valid: a complete "
                           "checkpoint written by moetron (checkpoints/step_NNNNNNNN with its .metadata file).") from err
-    state, slices = {}, {}  # slices: stack name -> its experts' tensors (a distributed run's checkpoint)
+    state, flat = {}, {}  # flat: the DCP keys to load, each into a tensor (or an expert's row) of `state`
     for name, shape in expected_state(cfg).items():
         meta = stored.get(f"model.{name}")
-        if meta is None and f"model.{name}.0" in stored:  # routed experts stored one per global expert id
-            slices[name] = [torch.empty(shape[1:], dtype=stored[f"model.{name}.0"].properties.dtype)
-                            for _ in range(shape[0])]
-            meta = stored.get(f"model.{name}.{shape[0] - 1}")
-            if meta is None or f"model.{name}.{shape[0]}" in stored:
+        per_expert = meta is None and f"model.{name}.0" in stored  # routed experts stored one per global id
+        if per_expert:
+            meta = stored[f"model.{name}.0"]
+            if f"model.{name}.{shape[0] - 1}" not in stored or f"model.{name}.{shape[0]}" in stored:
                 raise ConfigError(f"Checkpoint {step_dir} does not hold exactly {shape[0]} experts for `{name}`, as "
                                   "the run's config.yaml implies. Valid: a checkpoint of the model config.yaml describes.")
             meta_shape = [shape[0], *meta.size]
@@ -114,18 +113,19 @@ def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
                               "Valid: a checkpoint of the model that config.yaml describes.")
         else:
             meta_shape = list(meta.size)
-            state[name] = torch.empty(shape, dtype=meta.properties.dtype)
         if tuple(meta_shape) != tuple(shape):
             raise ConfigError(f"Tensor `{name}` in checkpoint {step_dir} has shape {meta_shape}, but the run's "
                               f"config.yaml implies {list(shape)}. Valid: a checkpoint of the model config.yaml describes.")
-    flat = {**state, **{f"{name}.{i}": t for name, ts in slices.items() for i, t in enumerate(ts)}}
+        state[name] = torch.empty(shape, dtype=meta.properties.dtype)
+        # A distributed checkpoint's experts load straight into their rows of the stacked tensor (no copy).
+        flat.update({f"{name}.{i}": state[name][i] for i in range(shape[0])} if per_expert else {name: state[name]})
     try:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": flat}, checkpoint_id=str(step_dir))
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
-    return {**state, **{name: torch.stack(ts) for name, ts in slices.items()}}
+    return state
 
 
 def _tokenizer_eos(config: MoetronConfig) -> tuple[int | None, Path | None]:
