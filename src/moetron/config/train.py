@@ -2,7 +2,11 @@
 
 from dataclasses import dataclass, field
 
+from moetron.config.data import BlendSource, DataConfig, SpecialTokens, validate_data
 from moetron.config.errors import invalid
+
+__all__ = ["BlendSource", "DataConfig", "OptimConfig", "RunConfig", "SpecialTokens", "TrainConfig",
+           "validate_data", "validate_run", "validate_train"]
 
 
 @dataclass
@@ -41,14 +45,6 @@ class TrainConfig:
     eval_every: int = 50  # steps; 0 disables validation
     eval_batches: int = 4  # micro-batches of the held-out split per validation
     optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["data/corpus/train.jsonl"])
-    val_files: list[str] = field(default_factory=lambda: ["data/corpus/val.jsonl"])
-    tokenizer: str | None = None  # None: byte-level; else a Hugging Face `tokenizers` JSON file
-    fim_rate: float = 0.1  # share of documents rewritten as Fill-in-Middle (PSM layout)
 
 
 @dataclass
@@ -93,13 +89,6 @@ def validate_train(train: TrainConfig, prefix: str = "train") -> None:
         raise invalid(f"{prefix}.optim.grad_clip", opt.grad_clip, "numbers >= 0 for grad_clip and weight_decay")
     if opt.moment_dtype not in ("bfloat16", "float32"):
         raise invalid(f"{prefix}.optim.moment_dtype", opt.moment_dtype, "'bfloat16' or 'float32'")
-
-
-def validate_data(data: DataConfig, prefix: str = "data") -> None:
-    if not 0.0 <= data.fim_rate <= 1.0:
-        raise invalid(f"{prefix}.fim_rate", data.fim_rate, "a probability in [0, 1]")
-    if not data.train_files:
-        raise invalid(f"{prefix}.train_files", data.train_files, "a non-empty list of text files")
 
 
 def validate_run(run: RunConfig, prefix: str = "run") -> None:

@@ -133,7 +133,7 @@ def _tokenizer_eos(config: MoetronConfig) -> tuple[int | None, Path | None]:
     try:
         from moetron.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(config.data.tokenizer)
+        tok = load_tokenizer(config.data.tokenizer, config.data.special_tokens)
     except Exception:  # the tokenizer file may not travel with the checkpoint; the ids are optional
         return None, None
     path = Path(config.data.tokenizer) if config.data.tokenizer else None
