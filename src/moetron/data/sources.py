@@ -126,11 +126,14 @@ def read_chunk(chunk: Chunk, text_key: str, policy: str, counts: Counts) -> Iter
         f.seek(chunk.start)
         data = f.read(chunk.stop - chunk.start)
     if path.endswith(".txt"):
-        offset = chunk.start
-        for raw in _TXT_SPLIT.split(data):
+        pos = 0
+        for sep in [*_TXT_SPLIT.finditer(data), None]:
+            end = sep.start() if sep else len(data)
+            if sep is None and pos == len(data) and pos:
+                break  # what follows a chunk's last separator is the next chunk, not an empty document
             counts.documents += 1
-            text = _decode(raw, policy, counts, f"in {path}, document at byte {offset}")
-            offset += len(raw)
+            text = _decode(data[pos:end], policy, counts, f"in {path}, document at byte {chunk.start + pos}")
+            pos = sep.end() if sep else len(data)
             if not text:
                 counts.empty += 1
                 continue
