@@ -21,7 +21,7 @@ STEPS = 20
 
 
 def common(corpus, run_dir):
-    return ["parallel=cpu_2x2", f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]",
+    return ["parallel=cpu_2x2", f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null",
             "train.seq_len=32", "train.eval_every=0", "train.micro_batch_size=1", "run.progress=false",
             f"train.steps={STEPS}", "monitor.wandb=false", "monitor.report=false", f"run.dir={run_dir}"]
 

@@ -168,7 +168,6 @@ def test_fim_documents_are_psm_of_their_tokens(tmp_path):
 
 
 def test_fim_rate_nested_and_per_document(tmp_path):
-    tok = ByteTokenizer()
     docs = random_docs(3000)
     share = {}
     for rate in (0.0, 0.1, 0.3, 1.0):
