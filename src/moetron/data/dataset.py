@@ -42,12 +42,21 @@ class Documents:
         for k, s in enumerate(self.shards):
             mine = (self.shard_of == k) & (end > self.start)
             last[mine] = s.tokens[end[mine] - 1]
+            s.release()  # one shard's pages resident at a time, however many shards
         self.length = end - self.start - (last == eos_id)
+        self._touched: set[int] = set()  # shards read since the last release()
+
+    def release(self) -> None:
+        """Unmap the pages of the shards read since the last call (IndexedShard.release)."""
+        for k in self._touched:
+            self.shards[k].release()
+        self._touched = set()
 
     def __len__(self) -> int:
         return len(self.start)
 
     def read(self, d: int, lo: int, hi: int) -> np.ndarray:
+        self._touched.add(int(self.shard_of[d]))
         shard = self.shards[self.shard_of[d]]
         begin = int(self.start[d])
         return shard.tokens[begin + lo: begin + hi]
@@ -162,6 +171,7 @@ class PackedWindows:
         out = np.empty((len(idx), self.seq_len + 1), dtype=np.int64)
         for r, i in enumerate(idx.tolist()):
             self._fill(out[r], i * self.seq_len)
+        self.docs.release()  # the rows are copies: the mapped pages need not stay resident
         return torch.from_numpy(out)
 
     def batch(self, start: int, count: int, shuffle: bool = True, seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,7 @@ before anything is memory-mapped, so a truncated or mismatched pair is a ConfigE
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 
@@ -87,7 +88,8 @@ REPREPARE = "Prepare the data again (python -m moetron.data.prepare ...) or rest
 
 class IndexedShard:
     """One Megatron indexed dataset, memory-mapped: `tokens` (1-D, the .bin) and each document's token
-    range [doc_start, doc_end). Nothing but the O(documents) start/end arrays lives in process memory."""
+    range [doc_start, doc_end). Nothing but the O(documents) start/end arrays lives in process memory;
+    `release()` drops the mapped pages read so far from the process."""
 
     def __init__(self, prefix: str, field: str = "data.train_files") -> None:
         self.prefix = prefix
@@ -140,9 +142,19 @@ class IndexedShard:
         self.doc_start = pointers[starts] // item
         self.doc_end = pointers[ends - 1] // item + lengths[ends - 1]
         self.num_tokens = expected // item
-        self.tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype) if self.num_tokens
-                       else np.zeros(0, dtype=self.dtype))
+        self._map = None
+        self.tokens = np.zeros(0, dtype=self.dtype)
+        if self.num_tokens:
+            with open(bin_path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.tokens = np.frombuffer(self._map, dtype=self.dtype, count=self.num_tokens)
         del index, lengths, pointers, doc_index  # the O(sequences) index is not kept
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache, shared by the ranks),
+        so that a rank's resident memory does not grow with the share of the corpus it has read."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     @property
     def num_documents(self) -> int:
