@@ -149,7 +149,7 @@ def test_truncated_bin(prepared):
     data = bin_path.read_bytes()
     bin_path.write_bytes(data[:-6])
     msg = load_error(prepared)
-    assert str(bin_path) in msg and "truncated" in msg and f"{len(data) - 6} bytes" in msg
+    assert str(bin_path) in msg and "the .bin is truncated" in msg and f"is {len(data) - 6} bytes" in msg
 
 
 def test_index_that_disagrees_with_its_bin(prepared):
