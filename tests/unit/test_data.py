@@ -313,3 +313,16 @@ def test_corpus_builder(tmp_path, capsys):
     bundle = build_data(DataConfig(train_files=[str(a / "train.jsonl")], val_files=[str(a / "val.jsonl")]),
                         seq_len=64, seed=0)
     assert bundle.train.num_sequences > 1000 and bundle.val.num_sequences > 10
+
+
+def test_ranks_prepare_a_raw_file_once(tmp_path, capfd):
+    """The ranks of a run call build_data at once on the same raw file: one prepares, the others wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    train = write_jsonl(tmp_path / "t.jsonl", [f"text {i} " * 40 for i in range(400)])
+    cfg = DataConfig(train_files=[train], val_files=[])
+    with ThreadPoolExecutor(4) as pool:
+        bundles = list(pool.map(lambda _: build_data(cfg, 32, 0), range(4)))
+    assert capfd.readouterr().err.count("(first use)") == 1
+    first = bundles[0].train.batch(0, 64)
+    assert all(torch.equal(b.train.batch(0, 64), first) for b in bundles[1:])
