@@ -119,7 +119,8 @@ def prepare(inputs: list[str], tokenizer: str | None, out_dir: str, special_toke
     os.makedirs(out_dir, exist_ok=True)
     manifest_path, plan_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PLAN)
     if not force and os.path.isfile(manifest_path) and read_json(manifest_path)["settings"] == settings:
-        return read_json(manifest_path)
+        done = read_json(manifest_path)  # already prepared: nothing written by this run
+        return {**done, "resumed_shards": len(done["shards"]), "this_run": {"bytes": 0, "tokens": 0}}
     old = read_json(plan_path)["settings"] if os.path.isfile(plan_path) else None
     if old is not None and old != settings and not force:
         changed = sorted(k for k in settings if settings[k] != old.get(k))
@@ -145,7 +146,9 @@ def prepare(inputs: list[str], tokenizer: str | None, out_dir: str, special_toke
 
     shards = [read_json(j["prefix"] + ".stats.json") for j in jobs]
     totals = {k: sum(s[k] for s in shards) for k in ("bytes", "documents", "tokens", "empty", "invalid_utf8")}
-    manifest = {"settings": settings, "shards": shards, "totals": totals, "resumed_shards": len(jobs) - len(todo)}
+    fresh = {os.path.basename(j["prefix"]) for j in todo}
+    manifest = {"settings": settings, "shards": shards, "totals": totals, "resumed_shards": len(jobs) - len(todo),
+                "this_run": {k: sum(s[k] for s in shards if s["name"] in fresh) for k in ("bytes", "tokens")}}
     write_json(manifest_path, manifest)
     return manifest
 
@@ -184,9 +187,11 @@ def summary(manifest: dict, out_dir: str, seconds: float) -> str:
            if t["invalid_utf8"] else "every document was UTF-8")
     resumed = f", {manifest['resumed_shards']} shard(s) kept from an earlier run" if manifest.get("resumed_shards") \
         else ""
+    run = manifest.get("this_run", t)  # throughput of the shards written by this run only
     return (f"prepared {t['documents']} documents ({t['tokens']} tokens, {mb:.2f} MB of input; {t['empty']} empty "
             f"skipped) into {len(manifest['shards'])} shard(s) in {out_dir} in {seconds:.1f} s: "
-            f"{mb / max(seconds, 1e-9):.2f} MB/s, {t['tokens'] / max(seconds, 1e-9):,.0f} tokens/s{resumed}; "
+            f"{run['bytes'] / MB / max(seconds, 1e-9):.2f} MB/s, {run['tokens'] / max(seconds, 1e-9):,.0f} "
+            f"tokens/s{resumed}; "
             f"{bad} (--invalid-utf8 {policy})")
 
 
