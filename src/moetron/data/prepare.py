@@ -182,6 +182,9 @@ def _run(jobs: list[dict], workers: int, progress: bool, total: int, done: int) 
 def summary(manifest: dict, out_dir: str, seconds: float) -> str:
     t = manifest["totals"]
     mb = t["bytes"] / MB
+    if manifest.get("resumed_shards") == len(manifest["shards"]):
+        return (f"already prepared: {out_dir} ({t['documents']} documents, {t['tokens']} tokens, {mb:.2f} MB of "
+                "input); nothing to do (--force prepares it again)")
     policy = manifest["settings"]["invalid_utf8"]
     bad = (f"{t['invalid_utf8']} document(s) were not UTF-8 and had their bad bytes replaced with U+FFFD"
            if t["invalid_utf8"] else "every document was UTF-8")
