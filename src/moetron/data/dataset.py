@@ -39,10 +39,13 @@ class Documents:
         self.start = np.concatenate([s.doc_start for s in self.shards] or [np.zeros(0, np.int64)]).astype(np.int64)
         end = np.concatenate([s.doc_end for s in self.shards] or [np.zeros(0, np.int64)]).astype(np.int64)
         last = np.full(len(end), -1, dtype=np.int64)
-        for k, s in enumerate(self.shards):
-            mine = (self.shard_of == k) & (end > self.start)
-            last[mine] = s.tokens[end[mine] - 1]
+        first = 0
+        for s in self.shards:
+            mine = slice(first, first + s.num_documents)
+            nonempty = s.doc_end > s.doc_start
+            last[mine][nonempty] = s.tokens[s.doc_end[nonempty] - 1]
             s.release()  # one shard's pages resident at a time, however many shards
+            first += s.num_documents
         self.length = end - self.start - (last == eos_id)
         self._touched: set[int] = set()  # shards read since the last release()
 
