@@ -42,10 +42,12 @@ def write_shard(prefix, docs, dtype=np.uint16):
     return IndexedShard(str(prefix))
 
 
-def windows(tmp_path, docs, seq_len, fim_rate=0.0, seed=0, tok=None, name="s"):
+def windows(tmp_path, docs, seq_len, fim_rate=0.0, seed=0, tok=None, name="s", shards=1):
+    """PackedWindows over `docs` written as `shards` consecutive shards."""
     tok = tok or ByteTokenizer()
-    shard = write_shard(tmp_path / name, docs)
-    return PackedWindows(Documents([shard], tok.eos_id), seq_len, tok, fim_rate, seed)
+    cuts = np.linspace(0, len(docs), shards + 1).astype(int)
+    parts = [write_shard(tmp_path / f"{name}{k}", docs[a:b]) for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    return PackedWindows(Documents(parts, tok.eos_id), seq_len, tok, fim_rate, seed)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -139,11 +141,11 @@ def random_docs(n, seed=0, eos=None):
     return [np.append(d, eos) if eos is not None and i % 2 else d for i, d in enumerate(docs)]
 
 
-@pytest.mark.parametrize("fim_rate", [0.0, 0.5, 1.0])
-def test_windows_are_cut_from_the_packed_stream(tmp_path, fim_rate):
+@pytest.mark.parametrize("fim_rate,shards", [(0.0, 1), (0.5, 1), (1.0, 1), (0.5, 7)])
+def test_windows_are_cut_from_the_packed_stream(tmp_path, fim_rate, shards):
     tok = ByteTokenizer()
     docs = random_docs(60, eos=tok.eos_id)  # every other document already ends with eos (Megatron --append-eod)
-    w = windows(tmp_path, docs, seq_len=9, fim_rate=fim_rate, seed=3)
+    w = windows(tmp_path, docs, seq_len=9, fim_rate=fim_rate, seed=3, shards=shards)
     stream = packed_reference(docs, w, tok)
     assert w.num_tokens == len(stream) and w.num_sequences == (len(stream) - 1) // 9
     assert (stream == tok.eos_id).sum() == len(docs)  # exactly one eos per document, never two
