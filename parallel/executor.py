@@ -73,7 +73,7 @@ class BackwardJob:
         """The same gradients, with the weight gradients computed last (B, then W, unless deferred): only B
         lies on the path to the next transfer (the previous stage, an all-to-all of gradients), so an
         overlapped pair issues its transfers sooner and the weight GEMMs run while they are in flight
-        (SPEC §3.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
+        (arXiv 2412.19437 §3.2.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
         Function computing both gradients at once (our FP8 GEMMs) runs twice."""
         grads = self.backward.inputs_only()
         if self.action.op != Op.B:
@@ -127,7 +127,7 @@ class PipelineExecutor:
             )
         self._forward_backward = forward_backward
         params = [p for m in self.stages.values() for p in m.parameters()]
-        self.device = device or (params[0].device if params else torch.device("cpu"))
+        self.device = device or (params[0].device if params else torch.get_default_device())
         self.comm = StageComm(schedule, self.rank, group, self.device)
         self.weight_grads = WeightGradStore()
 

@@ -1,4 +1,4 @@
-"""Fill-in-Middle in the Prefix-Suffix-Middle layout (SPEC §2).
+"""Fill-in-Middle in the Prefix-Suffix-Middle layout (arXiv 2412.19437 §4.2).
 
 A document is cut at two random character positions into prefix / middle / suffix and emitted as
 ``<|fim_begin|> prefix <|fim_hole|> suffix <|fim_end|> middle``; the caller appends ``<|eos|>``.
