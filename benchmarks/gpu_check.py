@@ -105,9 +105,10 @@ def check_fp8(device: torch.device, shapes, repeat: int) -> dict:
         errors.append(calc_diff(fast.float(), emulated))
         out[f"fp8_{name}_torch_vs_emulated_diff"] = errors[-1]
         flops = 2 * m * k * n
-        t_fp8 = timed(lambda: kernel(qa, sa, qw, sw, b_block=True, out_dtype=torch.bfloat16), device, repeat)
+        t_fp8 = timed(lambda qa=qa, sa=sa, qw=qw, sw=sw: kernel(qa, sa, qw, sw, b_block=True,
+                                                                out_dtype=torch.bfloat16), device, repeat)
         a16, w16 = a.bfloat16(), w.bfloat16()
-        t_bf16 = timed(lambda: a16 @ w16.T, device, repeat)
+        t_bf16 = timed(lambda a16=a16, w16=w16: a16 @ w16.T, device, repeat)
         out[f"fp8_{name}_tflops"] = flops / t_fp8 / 1e12
         out[f"fp8_{name}_bf16_tflops"] = flops / t_bf16 / 1e12
         ratios.append(t_bf16 / t_fp8)

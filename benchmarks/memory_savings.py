@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetron.config import ModelConfig, MoetronConfig, ParallelConfig
+from moetron.config import ModelConfig
 from moetron.model import DeepSeekV3
 from moetron.model.stages import PipelineStage, apply_selective_recompute, split_stages
 from moetron.plan.memory import Precision, stage_activation_per_token

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from moetron.comm.errors import ParameterError
 from moetron.comm.layout import EPGroup, local_size_of, node_slices
 from moetron.parallel.mesh import KINDS, MeshLayout
-
-from moetron.comm.errors import ParameterError
 
 from moetron.config.errors import ConfigError
 from moetron.train.trainer import config_fields
