@@ -1,6 +1,7 @@
 """The trainer on the local Slurm cluster: 2 nodes x 2 ranks (DualPipe pp=2 x dp=2, EP=2 across
 the nodes with node-limited routing), and the same run under mpiexec giving the same losses."""
 
+import importlib.util
 import json
 import os
 import shutil
