@@ -61,9 +61,10 @@ class StageComm:
         self._in_flight: list[tuple[list, list[torch.Tensor]]] = []
         self._grad_like: dict[Message, tuple[torch.Size, torch.dtype]] = {}
 
-    def begin_step(self) -> None:
-        """Expect every peer's messages of a new step."""
-        self._incoming = {peer: deque(msgs) for peer, msgs in self._expected.items()}
+    def begin_step(self, forward_only: bool = False) -> None:
+        """Expect every peer's messages of a new step (only the activations with `forward_only`)."""
+        self._incoming = {peer: deque(m for m in msgs if not forward_only or m.kind == "act")
+                          for peer, msgs in self._expected.items()}
         self._posted.clear()
         self._grad_like.clear()
 

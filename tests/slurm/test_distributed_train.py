@@ -1,4 +1,4 @@
-"""The distributed trainer on the local Slurm cluster: 2 nodes x 2 ranks (DualPipe pp=2 x dp=2, EP=2 across
+"""The trainer on the local Slurm cluster: 2 nodes x 2 ranks (DualPipe pp=2 x dp=2, EP=2 across
 the nodes with node-limited routing), and the same run under mpiexec giving the same losses."""
 
 import importlib.util
@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slurm, pytest.mark.timeout(900),
-    pytest.mark.skipif(importlib.util.find_spec("moetron.train.distributed") is None,
-                       reason="needs the distributed trainer (moetron.train.distributed)"),
-]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 STEPS = 20
 

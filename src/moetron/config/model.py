@@ -7,7 +7,7 @@ from moetron.config.errors import invalid
 
 @dataclass
 class RopeScaling:
-    """YaRN context extension (SPEC §1.2). type "none" means plain RoPE."""
+    """YaRN context extension (arXiv 2412.19437 §2.1.1). type "none" means plain RoPE."""
 
     type: str = "none"  # none | yarn
     factor: float = 40.0
@@ -27,7 +27,7 @@ class ModelConfig:
     num_hidden_layers: int = 4
     first_k_dense_replace: int = 1
     num_attention_heads: int = 4
-    # MLA (SPEC §1.2). q_lora_rank = 0 means no query compression (q = W_Q h).
+    # MLA (arXiv 2412.19437 §2.1.1). q_lora_rank = 0 means no query compression (q = W_Q h).
     q_lora_rank: int = 64
     kv_lora_rank: int = 32
     qk_nope_head_dim: int = 32
@@ -36,7 +36,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_position_embeddings: int = 4096
-    # DeepSeekMoE (SPEC §1.3)
+    # DeepSeekMoE (arXiv 2412.19437 §2.1.2)
     n_routed_experts: int = 8
     n_shared_experts: int = 1
     moe_intermediate_size: int = 64
@@ -46,7 +46,7 @@ class ModelConfig:
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight
-    # Multi-token prediction (SPEC §1.4)
+    # Multi-token prediction (arXiv 2412.19437 §2.2)
     num_nextn_predict_layers: int = 1  # D; 0 turns MTP off
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006

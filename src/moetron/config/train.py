@@ -1,4 +1,4 @@
-"""Typed configuration of the trainer, the data and the run (SPEC §2 defaults)."""
+"""Typed configuration of the trainer, the data and the run (arXiv 2412.19437 §4.2 defaults)."""
 
 from dataclasses import dataclass, field
 
@@ -11,7 +11,7 @@ __all__ = ["BlendSource", "DataConfig", "OptimConfig", "RunConfig", "SpecialToke
 
 @dataclass
 class OptimConfig:
-    """AdamW with FP32 master weights and low-precision moments; the LR schedule of SPEC §2."""
+    """AdamW with FP32 master weights and low-precision moments; the LR schedule of arXiv 2412.19437 §4.2."""
 
     lr: float = 2.2e-4
     min_lr: float = 2.2e-5  # reached at the end of the cosine decay, then held
@@ -56,6 +56,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     progress: bool = True  # a progress bar with loss, tok/s and ETA
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    device: str = "auto"  # auto (cuda:LOCAL_RANK with NCCL where CUDA is available, else cpu with gloo) | cpu | cuda
 
 
 def validate_train(train: TrainConfig, prefix: str = "train") -> None:
@@ -99,3 +100,7 @@ def validate_run(run: RunConfig, prefix: str = "run") -> None:
             raise invalid(f"{prefix}.{name}", getattr(run, name), "a positive integer")
     if run.save_every < 0 or run.threads < 0:
         raise invalid(f"{prefix}.save_every", run.save_every, "an integer >= 0 (0: every quarter of the run)")
+    from moetron.device import DEVICES
+
+    if run.device not in DEVICES:
+        raise invalid(f"{prefix}.device", run.device, " | ".join(DEVICES))

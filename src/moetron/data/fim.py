@@ -1,4 +1,4 @@
-"""Fill-in-Middle in the Prefix-Suffix-Middle layout (DeepSeek-V3 report, arXiv 2412.19437, §4.1).
+"""Fill-in-Middle in the Prefix-Suffix-Middle layout (arXiv 2412.19437 §4.1, Data Construction).
 
 At sample time a document's tokens are cut at two positions into prefix / middle / suffix and laid out as
 ``fim_prefix prefix fim_suffix suffix fim_middle middle`` (then the eos every document ends with). With the

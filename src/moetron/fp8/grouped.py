@@ -4,7 +4,7 @@ no tile mixes two experts' tokens.
 
 FP8SwiGLUExperts is the whole expert FFN, down(silu(gate) * up): its saved activations are the input x
 (128x1, FP8) and the SwiGLU input h = [gate, up] (1x128, FP8); the SwiGLU output is recomputed from h in
-backward instead of being stored (SPEC §4).
+backward instead of being stored (arXiv 2412.19437 §3.3).
 """
 
 import torch

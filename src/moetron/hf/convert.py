@@ -1,5 +1,5 @@
 """Export moetron checkpoints to the published DeepSeek-V3 Hugging Face layout, and import such directories as
-new moetron runs (SPEC §1.2 names, §1.4 MTP layout). The CLI is `python -m moetron.hf` (see __main__.py)."""
+new moetron runs (arXiv 2412.19437 §2.1.1 names, §1.4 MTP layout). The CLI is `python -m moetron.hf` (see __main__.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.store import STEP_DIR, TRAIN_STATE
 from moetron.config import ConfigError, ModelConfig, MoetronConfig
 from moetron.config.hydra import to_yaml
@@ -91,8 +92,8 @@ def load_run_config(path: Path) -> MoetronConfig:
 
 def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model tensors of a moetron DCP checkpoint (with or without optimizer state), checked against `cfg`.
-    A distributed run's checkpoint stores each routed expert on its own (model.<stack>.<global id>): those
-    are stacked back into the single-process layout."""
+    Checkpoints store each routed expert on its own (model.<stack>.<global id>, checkpoint/state.py): those
+    load straight into the rows of the stacked tensor."""
     try:
         stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except Exception as err:
@@ -263,7 +264,9 @@ def import_checkpoint(src: str | Path, dst: str | Path, overrides: list[str] | t
     model = model_from_state(cfg, state)
 
     dst.mkdir(parents=True, exist_ok=True)
-    path = store.save(0, model, None, {"step": 0, "tokens": 0, "sequences": 0, "imported_from": str(src.resolve())})
+    # A model-only checkpoint in the one format of every layout: any layout resumes it, its optimizer fresh.
+    path = store.save(0, model_entries(model), {"step": 0, "tokens": 0, "sequences": 0, "has_optimizer": False,
+                                                 "imported_from": str(src.resolve())})
     (dst / "config.yaml").write_text(to_yaml(config))
     model_dir = dst / MODEL_CONF_DIR / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
