@@ -11,8 +11,9 @@ FAULT_KINDS = ("nan_loss", "scale_loss", "corrupt_batch", "crash", "crash_in_che
 
 @dataclass
 class SpikeConfig:
-    """A step is a spike when its loss (or grad norm) exceeds mean + sigmas * std of the last `window`
-    accepted steps. NaN/Inf always skips the update; spikes follow `policy`."""
+    """A step is a spike when its loss (or grad norm) exceeds the linear trend of the last `window` accepted
+    steps (extrapolated to it) + sigmas * their std around that trend. NaN/Inf always skips the update;
+    spikes follow `policy`."""
 
     policy: str = "rollback"  # for loss spikes: warn | skip (drop that update) | rollback (PaLM-style)
     # For grad-norm spikes alone (the loss still normal). Clipping already bounds such an update, and small
