@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
 
 INVALID_UTF8 = ("error", "replace")
@@ -44,6 +45,7 @@ class DataConfig:
 
 
 def validate_data(data: DataConfig, prefix: str = "data") -> None:
+    require_finite(data, prefix)
     if not 0.0 <= data.fim_rate <= 1.0:
         raise invalid(f"{prefix}.fim_rate", data.fim_rate, "a probability in [0, 1]")
     if not data.train_files and not data.blend:
