@@ -8,7 +8,7 @@ its data is needed; a send's tensor is held until its transfer completes.
 
 Receives need shapes. A gradient has the shape of the activation this rank sent. An activation's
 shape is learned once: the rank holding the first stage broadcasts the shapes and dtypes of the step's
-input micro-batches (one small collective per step); the first step with new input shapes sends a
+input micro-batches (one small collective per step, waited for at the rank's first transfer); the first step with new input shapes sends a
 header before each activation, later steps with the same input shapes reuse what it learned. So a
 stage's output shape and dtype must depend only on its input's shape and dtype (checked on send).
 Messages also carry unique tags, which gloo uses to match (NCCL matches by order).
@@ -37,7 +37,7 @@ class StageComm:
 
     def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device):
         self.schedule, self.rank, self.group, self.device = schedule, rank, group, device
-        self._plans = {mode: plan_transfers(schedule, rank, mode) for mode in (False, True)}
+        self._plan_of = {mode: plan_transfers(schedule, rank, mode) for mode in (False, True)}
         self._source = schedule.placement[StageId(0, 0)]  # holds every micro-batch's input
         self._learned: dict[tuple, dict[Message, Shape]] = {}  # input shapes -> activation shapes
         self._outbox: dict[Message, torch.Tensor] = {}
@@ -48,18 +48,30 @@ class StageComm:
     # ------------------------------------------------------------------------------ a step
     def begin_step(self, inputs, forward_only: bool = False) -> None:
         """Start a step: agree on the input shapes (a broadcast from the first stage's rank)."""
-        self._plan = self._plans[forward_only]
-        self._next = 0
+        self._plan = self._plan_of[forward_only]
         self._posted.clear()
         self._grad_like.clear()
-        key = self._input_key(inputs)
+        self._key = self._input_key(inputs)
+
+    def _agree(self) -> None:
+        """Wait for the broadcast input shapes (once per step, at the first transfer): they say
+        whether activation shapes are known or this step learns them."""
+        if self._key is None:
+            return
+        work, table = self._key
+        if work is not None:
+            work.wait()
+        key = tuple(map(tuple, table.tolist()))
+        self._key = None
         self._learning = key not in self._learned
         self._shapes = self._learned.setdefault(key, {})
 
     def before(self, index: int) -> None:
         """Post the batch planned before step `index` (step count: len(plan) - 1 means after the last)."""
         posts = self._plan[index]
-        self._next = index + 1
+        if not posts:
+            return
+        self._agree()
         if not self._learning:
             self._post(posts)
             return
@@ -79,6 +91,7 @@ class StageComm:
     def finish(self) -> None:
         """Post the sends of the last step and wait for every transfer of the step."""
         self.before(len(self._plan) - 1)
+        self._agree()  # a rank without transfers still completes the broadcast
         for work, _ in self._in_flight:
             work.wait()
         self._in_flight = []
@@ -91,6 +104,7 @@ class StageComm:
         """Hand over `tensor`; it goes out with the next batch."""
         tensor = tensor.detach().contiguous()
         if msg.kind == "act":
+            self._agree()
             self._check_shape(msg, tensor)
             self._grad_like[Message("grad", msg.microbatch, msg.stage - 1)] = (tuple(tensor.shape), tensor.dtype)
         self._outbox[msg] = tensor
@@ -144,15 +158,16 @@ class StageComm:
 
     # ------------------------------------------------------------------------------ shapes
     def _input_key(self, inputs) -> tuple:
-        """The step's input shapes and dtypes, the same on every rank (broadcast from the source)."""
+        """Start broadcasting the step's input shapes and dtypes from the source (the same on every
+        rank once it arrives); `_agree` waits for them."""
         n = self.schedule.num_microbatches
         table = torch.zeros(n, _HEADER, dtype=torch.int64, device=self.device)
         if self.rank == self._source:
             for m, x in enumerate(inputs):
                 table[m] = self._header(x)
-        if self.schedule.num_ranks > 1:
-            dist.broadcast(table, self._peer(self._source), group=self.group)
-        return tuple(map(tuple, table.tolist()))
+        if self.schedule.num_ranks == 1:
+            return None, table
+        return dist.broadcast(table, self._peer(self._source), group=self.group, async_op=True), table
 
     def _check_shape(self, msg: Message, tensor: torch.Tensor) -> None:
         got = (tuple(tensor.shape), tensor.dtype)
