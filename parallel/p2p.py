@@ -1,7 +1,8 @@
 """Stage-to-stage transfers for one executor: activations forward, gradients backward.
 
 Before each of its steps a rank posts one `batch_isend_irecv` holding, with every peer, the sends of
-the step before and the receives of this step (and the next step's receives where the plan allows),
+the step before and the receives of this step (and, except on NCCL, the next step's receives where the
+plan allows),
 in the order `transfer_plan` fixes for each pair of ranks, which keeps every schedule free of deadlock
 under NCCL, where a send completes only once its receive is posted. A receive is waited for only when
 its data is needed; a send's tensor is held until its transfer completes.
@@ -37,7 +38,10 @@ class StageComm:
 
     def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device):
         self.schedule, self.rank, self.group, self.device = schedule, rank, group, device
-        self._plan_of = {mode: plan_transfers(schedule, rank, mode) for mode in (False, True)}
+        # Receives posted ahead let gloo move the next input during this step. A NCCL batch completes
+        # as a whole (one work), so there a receive posted ahead would hold up the step before it.
+        ahead = schedule.num_ranks == 1 or dist.get_backend(group) != "nccl"
+        self._plan_of = {mode: plan_transfers(schedule, rank, mode, ahead) for mode in (False, True)}
         self._source = schedule.placement[StageId(0, 0)]  # holds every micro-batch's input
         self._learned: dict[tuple, dict[Message, Shape]] = {}  # input shapes -> activation shapes
         self._outbox: dict[Message, torch.Tensor] = {}

@@ -18,7 +18,8 @@ needed for.
 
 `plan_transfers` gives, for one rank, the batch to post before each of its steps (and one after the
 last): the sends of the step before and the receives of this step, with each peer; and, posted ahead,
-the receives the next step needs where the shared order allows it.
+the receives the next step needs where the shared order allows it (a rank may do so or not on its
+own, as it changes only when, not in which order, it posts).
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ def _check_tree(schedule: Schedule) -> None:
         parent[root(a)] = root(b)
 
 
-def plan_transfers(schedule: Schedule, rank: int, forward_only: bool = False) -> list[list[Post]]:
+def plan_transfers(schedule: Schedule, rank: int, forward_only: bool = False, ahead: bool = True) -> list[list[Post]]:
     """posts[i]: what `rank` posts in one batch before its i-th step (forward-only: i-th forward step),
-    posts[-1]: after its last step. Steps that do not run in forward-only mode are left out of i."""
+    posts[-1]: after its last step. Steps that do not run in forward-only mode are left out of i.
+    `ahead`: also post the next step's receives where the order allows (a choice each rank may make
+    on its own: it changes when a receive is posted, not the order)."""
     _check_tree(schedule)
     when = produced_at(schedule, forward_only)
     steps = _steps(schedule, rank, forward_only)
@@ -151,7 +154,7 @@ def plan_transfers(schedule: Schedule, rank: int, forward_only: bool = False) ->
             due = [k for k, p in enumerate(posts)
                    if (p.send and produced_by[p.msg] == i - 1) or (not p.send and consumed_by[p.msg] == i)]
             upto = max([posted, *(k + 1 for k in due)])
-            while upto < len(posts) and not posts[upto].send and consumed_by[posts[upto].msg] == i + 1:
+            while ahead and upto < len(posts) and not posts[upto].send and consumed_by[posts[upto].msg] == i + 1:
                 upto += 1  # the next step's input, posted ahead
             for p in posts[posted:upto]:
                 if p.send and produced_by[p.msg] >= i:

@@ -17,11 +17,11 @@ CASES = [(name, pp, mb) for pp in (2, 4, 6, 8) for name, mb in
           ("dualpipev", 2 * pp), ("dualpipev", 3 * pp + 1))]
 
 
-def rendezvous_run(schedule, forward_only: bool) -> list[list[tuple]]:
+def rendezvous_run(schedule, forward_only: bool, ahead) -> list[list[tuple]]:
     """Run every rank's plan under rendezvous rules; return per pair and direction the messages in the
     order they were sent and received."""
     n = schedule.num_ranks
-    plans = [plan_transfers(schedule, r, forward_only) for r in range(n)]
+    plans = [plan_transfers(schedule, r, forward_only, ahead if ahead != "mixed" else r % 2 == 0) for r in range(n)]
     point = [0] * n  # the batch each rank is at
     posted = [set() for _ in range(n)]  # (msg, peer, send) a rank has posted so far
     order = defaultdict(list)
@@ -43,11 +43,12 @@ def rendezvous_run(schedule, forward_only: bool) -> list[list[tuple]]:
     return order
 
 
-@pytest.mark.parametrize("forward_only", [False, True])
+@pytest.mark.parametrize("forward_only,ahead", [(False, True), (True, True), (False, False), (False, "mixed")])
 @pytest.mark.parametrize("name,pp,mb", CASES)
-def test_plan_runs_under_rendezvous_and_matches_by_order(name, pp, mb, forward_only):
+def test_plan_runs_under_rendezvous_and_matches_by_order(name, pp, mb, forward_only, ahead):
+    """`mixed`: even ranks post receives ahead, odd ranks do not."""
     schedule = build_schedule(name, pp, mb)
-    order = rendezvous_run(schedule, forward_only)
+    order = rendezvous_run(schedule, forward_only, ahead)
     for (r, peer, send), msgs in order.items():
         if send:
             assert msgs == order[(peer, r, False)], f"rank {r} sends to {peer} in another order than it receives"
