@@ -7,7 +7,8 @@ measures the real step time, gives the DeepSeek-V3 report's formula (section 3.2
 work + bubble) and simulates the same schedule with the measured costs and the executor's measured
 per-transfer time; then it runs torch.distributed.pipelining's Schedule1F1B, ScheduleZBVZeroBubble and
 ScheduleDualPipeV, and, given `--dualpipe-repo` (a checkout of github.com/deepseek-ai/DualPipe kept
-outside this project), DeepSeek's own DualPipe, on the same sleeping stages.
+outside this project), DeepSeek's own DualPipe, on the same sleeping stages. All schedules are timed
+in turns (one step of each, `--steps` times over), so the load of other jobs falls on all alike.
 
 Work per rank is the same everywhere: `--chunks` micro-batches x (f + b). 1F1B, ZB1P and DualPipe
 cut the model into PP stages of cost (f, b, w); the V-shaped schedules (our DualPipeV, torch's ZBV
@@ -29,6 +30,9 @@ a flat JSON object:
   <who>_<s>_real_step_s, <who>_<s>_vs_formula   measured: the best of `steps` steps (the one the other
                                                 jobs on this shared machine disturbed least); real / formula - 1
   <who>_<s>_median_step_s                       the median of those steps
+  <who>_<s>_cpu_ms_per_step                     CPU time of one step, all threads of a rank's process
+                                                (median over steps, mean over ranks): what the schedule's
+                                                code itself costs, which the load of other jobs hardly changes
   ours_<s>_sim_step_s, ours_<s>_real_vs_sim_error
                                                 simulated step; |median - sim| / sim. The simulation's
                                                 costs: what the sleeps really took in that run (the
@@ -127,19 +131,29 @@ def stage_costs(args, v_shaped: bool) -> tuple[float, float, float]:
     return tuple(scale * t / 1000 for t in (args.f, args.b, args.w))
 
 
-def timed(run, steps: int) -> tuple[float, float]:
-    run()  # warm-up (torch's schedules infer shapes on their first step)
-    times = []
+def timed_in_turns(runs: dict, steps: int) -> dict[str, tuple[float, float]]:
+    """(best, median) step time of each run, measured in turns (one step of each, `steps` times over), so
+    that the load of other jobs on this shared machine falls on every schedule alike."""
+    for run in runs.values():
+        run()  # warm-up (torch's schedules infer shapes, ours learns them, on the first step)
+    times: dict[str, list[float]] = {who: [] for who in runs}
+    cpu: dict[str, list[float]] = {who: [] for who in runs}
     for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        run()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)  # the best step is the one the shared machine disturbed least
+        for who, run in runs.items():
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            run()
+            c1 = time.process_time()
+            dist.barrier()
+            times[who].append(time.perf_counter() - t0)
+            cpu[who].append(c1 - c0)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {who: statistics.median(c) for who, c in cpu.items()})
+    return {who: (min(t), statistics.median(t), statistics.mean(r[who] for r in every)) for who, t in times.items()}
 
 
-def ours(name: str, args) -> float:
+def ours(name: str, args):
+    """A step of our schedule `name` on sleeping stages, and the stages (their sleep logs)."""
     rank = dist.get_rank()
     schedule = build_schedule(name, args.pp, args.chunks)
     f, b, w = stage_costs(args, v_shaped=schedule.num_stages > args.pp)
@@ -147,8 +161,7 @@ def ours(name: str, args) -> float:
     executor = PipelineExecutor(schedule, stages, loss_fn)
     x = torch.randn(args.chunks * ROWS, DIM)
     y = torch.randn(args.chunks * ROWS, DIM)
-    step = timed(lambda: executor.step(x, y), args.steps)
-    return step, slept(stages.values())
+    return lambda: executor.step(x, y), stages.values()
 
 
 def slept(stages) -> dict[str, float]:
@@ -159,7 +172,7 @@ def slept(stages) -> dict[str, float]:
     return {k: sum(r[k][0] for r in every) / max(1, sum(r[k][1] for r in every)) for k in mine}
 
 
-def theirs(name: str, args) -> float:
+def theirs(name: str, args):
     import torch.distributed.pipelining as pipelining
 
     rank, pp = dist.get_rank(), args.pp
@@ -178,7 +191,7 @@ def theirs(name: str, args) -> float:
         kwargs = {"target": y, "losses": []} if last else {}
         schedule.step(*([x] if first else []), **kwargs)
 
-    return timed(run, args.steps)
+    return run
 
 
 def measure_costs(f: float, b: float, w: float, repeats: int = 10) -> dict:
@@ -235,7 +248,7 @@ def measure_hop(repeats: int = 40) -> float:
     return statistics.median(trips) / 2  # the median: a round trip now and then waits for a busy core
 
 
-def deepseek(args) -> float:
+def deepseek(args):
     """DeepSeek's own DualPipe (github.com/deepseek-ai/DualPipe, at `--dualpipe-repo`) on CPU: its CUDA
     device checks and receive buffers pointed at the CPU, nothing else changed."""
     sys.path.insert(0, args.dualpipe_repo)
@@ -258,7 +271,7 @@ def deepseek(args) -> float:
         model.step(*([x] if end else []), num_chunks=args.chunks, criterion=loss_fn if end else None,
                    labels=[y] if end else [])
 
-    return timed(run, args.steps)
+    return run
 
 
 def formula_step(name: str, args) -> float:
@@ -282,19 +295,24 @@ def worker(rank: int, args, port: int, out_path: str) -> None:
         for v_shaped in (False, True):
             results[f"costs_v{int(v_shaped)}"] = measure_costs(*stage_costs(args, v_shaped))
     dist.barrier()
+    runs, logs = {}, {}
     for name in OURS:
-        results[f"ours_{name}"], results[f"slept_{name}"] = ours(name, args)
-    for name in TORCH:
-        try:
-            results[f"torch_{name}"] = theirs(name, args)
-        except Exception as err:  # a schedule torch cannot run here is reported, not fatal
-            results[f"torch_{name}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            break  # a failed torch schedule can leave messages in flight; stop comparing
+        runs[f"ours_{name}"], logs[name] = ours(name, args)
+    peers = [(f"torch_{name}", lambda name=name: theirs(name, args)) for name in TORCH]
     if args.dualpipe_repo and args.pp % 2 == 0:
+        peers.append(("deepseek_dualpipe", lambda: deepseek(args)))
+    for who, build in peers:
         try:
-            results["deepseek_dualpipe"] = deepseek(args)
-        except Exception as err:
-            results["deepseek_dualpipe_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            run = build()
+            run()  # a peer that cannot run here fails now, not in the measured turns
+            runs[who] = run
+        except Exception as err:  # reported, not fatal
+            results[f"{who}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            if who.startswith("torch"):
+                break  # a failed torch schedule can leave messages in flight; stop comparing
+    results |= timed_in_turns(runs, args.steps)
+    for name, stages in logs.items():
+        results[f"slept_{name}"] = slept(stages)
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -347,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = [f"ours_{n}" for n in OURS] + [f"torch_{n}" for n in TORCH] + ["deepseek_dualpipe"]
     for who in names:
         if who in raw:
-            out[f"{who}_real_step_s"], out[f"{who}_median_step_s"] = raw[who]
+            out[f"{who}_real_step_s"], out[f"{who}_median_step_s"], cpu = raw[who]
+            out[f"{who}_cpu_ms_per_step"] = 1000 * cpu
             if who in FORMULA:
                 formula = formula_step(FORMULA[who], args)
                 out |= {f"{who}_formula_step_s": formula, f"{who}_vs_formula": raw[who][0] / formula - 1}
@@ -359,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"pipeline schedules: PP={args.pp}, {args.chunks} micro-batches, f={args.f} b={args.b} w={args.w} ms "
           f"(work per rank {work:.3f} s, one transfer {out['measured_hop_ms']:.2f} ms)")
-    print(f"{'schedule':<20}{'formula s':>10}{'best s':>8}{'vs formula':>11}{'median s':>10}{'sim s':>8}"
+    print(f"{'schedule':<20}{'formula s':>10}{'best s':>8}{'vs formula':>11}{'median s':>10}{'cpu ms':>8}{'sim s':>8}"
           f"{'median vs sim':>15}")
     for who in names:
         if f"{who}_real_step_s" not in out:
@@ -369,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         formula = f"{out[f'{who}_formula_step_s']:>10.3f}" if f"{who}_formula_step_s" in out else f"{'-':>10}"
         versus = f"{out[f'{who}_vs_formula']:>+11.1%}" if f"{who}_vs_formula" in out else " " * 11
         sim = f"{out[f'{who}_sim_step_s']:>8.3f}{out[f'{who}_real_vs_sim_error']:>15.1%}" if who.startswith("ours") else ""
-        print(f"{who:<20}{formula}{out[f'{who}_real_step_s']:>8.3f}{versus}{out[f'{who}_median_step_s']:>10.3f}{sim}")
+        print(f"{who:<20}{formula}{out[f'{who}_real_step_s']:>8.3f}{versus}{out[f'{who}_median_step_s']:>10.3f}"
+              f"{out[f'{who}_cpu_ms_per_step']:>8.1f}{sim}")
     print(f"max_real_vs_sim_error {out['max_real_vs_sim_error']:.1%}  -> {args.out}")
     return out
 
