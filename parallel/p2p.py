@@ -29,6 +29,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
            torch.int16, torch.int8, torch.uint8, torch.bool)
 _MAX_DIMS = 8
 _HEADER = 2 + _MAX_DIMS  # ndim, dtype, shape padded with zeros
+_KEEP_SHAPES = 8  # input shapes whose activation shapes are remembered (training, evaluation, a last partial batch)
 
 Shape = tuple[tuple[int, ...], torch.dtype]
 
@@ -55,6 +56,7 @@ class StageComm:
         self._plan = self._plan_of[forward_only]
         self._posted.clear()
         self._grad_like.clear()
+        self._outbox.clear()  # left only by a step that raised
         self._key = self._input_key(inputs)
 
     def _agree(self) -> None:
@@ -68,6 +70,8 @@ class StageComm:
         key = tuple(map(tuple, table.tolist()))
         self._key = None
         self._learning = key not in self._learned
+        if self._learning and len(self._learned) >= _KEEP_SHAPES:
+            del self._learned[next(iter(self._learned))]  # the oldest input shapes (same on every rank)
         self._shapes = self._learned.setdefault(key, {})
 
     def before(self, index: int) -> None:
