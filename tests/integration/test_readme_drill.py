@@ -18,7 +18,7 @@ def test_readme_corrupt_batch_drill_is_caught_and_rolled_back(corpus, tmp_path):
     override, step = drill.group(1), int(drill.group(2))
     run_dir = tmp_path / "run"
     done = run_cli(f"run.dir={run_dir}", "model=tiny", f"train.steps={step + 4}", override,
-                   f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]",
+                   f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null",
                    "run.progress=false", "monitor.wandb=false", "monitor.report=false", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in open(run_dir / "events.jsonl")]

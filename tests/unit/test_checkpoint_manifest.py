@@ -10,6 +10,7 @@ import torch.distributed.checkpoint as dcp
 from helpers import small_model_config
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.manifest import MANIFEST, verify_manifest, write_manifest
 from moetron.checkpoint.metadata import read_dcp_metadata
 from moetron.config import ConfigError
@@ -20,8 +21,10 @@ from moetron.model import DeepSeekV3
 def saved(tmp_path):
     torch.manual_seed(0)
     model = DeepSeekV3(small_model_config())
-    step_dir = CheckpointStore(tmp_path / "checkpoints").save(3, model, None, {"step": 3})
-    write_manifest(step_dir)
+    step_dir = CheckpointStore(tmp_path / "checkpoints").save(3, model_entries(model),
+                                                              {"step": 3, "has_optimizer": False})
+    assert (step_dir / MANIFEST).is_file()  # the store seals every checkpoint it publishes
+    write_manifest(step_dir)  # rewriting it is idempotent
     return step_dir, model
 
 
@@ -39,11 +42,12 @@ def _flip_payload(step_dir, count: int = 64) -> tuple[str, str]:
 
 
 def _load(step_dir, model):
-    state = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    """The checkpoint's values by checkpoint key (plain DCP: no manifest check)."""
+    state = {k: torch.zeros_like(v) for k, v in model_entries(model).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(step_dir))
-    return state["model"]
+    return state
 
 
 def test_manifest_lists_every_file_and_verifies(saved):
@@ -60,8 +64,7 @@ def test_flipped_payload_bytes_are_named(saved):
     shard, key = _flip_payload(step_dir)
     # Without the manifest nothing notices: DCP loads the damaged tensor silently.
     loaded = _load(step_dir, model)
-    name = key.removeprefix("model.")
-    assert not torch.equal(loaded[name], model.state_dict()[name])
+    assert not torch.equal(loaded[key], model_entries(model)[key])
     with pytest.raises(ConfigError) as err:
         verify_manifest(step_dir)
     message = str(err.value)

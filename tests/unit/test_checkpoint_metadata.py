@@ -12,6 +12,7 @@ from helpers import small_model_config
 from torch.distributed.checkpoint.api import CheckpointException
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
 from moetron.config import ConfigError, MoetronConfig, OptimConfig
 from moetron.config.hydra import to_yaml
@@ -31,7 +32,7 @@ class _RunsCommand:
 
 
 def _saved_run(tmp_path):
-    """A run directory with a real checkpoint of a small model (model + AdamW state) and its config.yaml."""
+    """A run directory with a real checkpoint of a small model (model + AdamW moments) and its config.yaml."""
     cfg = small_model_config()
     torch.manual_seed(0)
     model = DeepSeekV3(cfg)
@@ -40,7 +41,11 @@ def _saved_run(tmp_path):
     model(tokens[:, :-1], tokens[:, 1:], mtp_lambda=0.3).loss.backward()
     optimizer.step()
     run = tmp_path / "run"
-    step_dir = CheckpointStore(run / "checkpoints").save(1, model, optimizer, {"step": 1})
+    state = model_entries(model)
+    for name, p in model.named_parameters():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state[f"optim.{name}.{moment}"] = optimizer.state[p][moment]
+    step_dir = CheckpointStore(run / "checkpoints").save(1, state, {"step": 1})
     (run / "config.yaml").write_text(to_yaml(MoetronConfig(model=cfg)))
     return run, step_dir, model
 
@@ -81,12 +86,13 @@ def test_real_checkpoint_metadata_reads_and_loads(tmp_path):
     stock = dcp.FileSystemReader(str(step_dir)).read_metadata()
     assert safe.state_dict_metadata == stock.state_dict_metadata
     assert safe.storage_data == stock.storage_data and len(safe.storage_data) > 10
-    state = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    want = model_entries(model)
+    state = {k: torch.zeros_like(v) for k, v in want.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=SafeFileSystemReader(str(step_dir)))
-    for key, value in model.state_dict().items():
-        assert torch.equal(state["model"][key], value), key
+    for key, value in want.items():
+        assert torch.equal(state[key], value), key
 
 
 def test_hf_export_refuses_a_planted_metadata_without_running_it(tmp_path, capsys):
