@@ -28,13 +28,12 @@ what comes back into the rows they were taken from.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-import contextlib
 
 from .link_model import LinkModel
 from .payload import from_bytes, to_bytes
