@@ -301,6 +301,8 @@ def stream_model(args, bench: Bench, flops_per_s: float, recorder: Recorder) -> 
     for _ in range(2):  # the second of each is kept
         bench.pair(_segment(sequential_forward_backward, streams, "sequential"), recorder)
         bench.pair(_segment(bench.overlapped, streams, "overlapped"), recorder)
+    streams.fused = False  # the hops after the first as moetron's two-hop code issues them: by the consumer
+    bench.pair(_segment(bench.overlapped, streams, "overlapped_hops"), recorder)
     detach()
     probe = LinkModel(args.ranks_per_node, latency_s=0.0)
     unit = replay(streams.segment("sequential"), streams, probe)
@@ -309,7 +311,7 @@ def stream_model(args, bench: Bench, flops_per_s: float, recorder: Recorder) -> 
     scale = ratio[0].item() / (args.comm_ratio * ratio[1].item())
     link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
     out = {"scale": scale}
-    for name in ("sequential", "overlapped"):
+    for name in ("sequential", "overlapped", "overlapped_hops"):
         result = replay(streams.segment(name), streams, link)
         out[name] = dict(compute=result.compute, comm=result.comm, makespan=result.makespan,
                          crossings=len(crossings(streams.segment(name), streams, link)), segments=1)
@@ -441,6 +443,8 @@ def stream_model_keys(raw: dict) -> dict:
                     f"{key}stream_model_crossings": sum(r["crossings"] for r in ranks),
                     f"{key}stream_model_pairs": worst["segments"]})
     out["stream_model_sequential_efficiency"] = min(stream_efficiency(r["sequential"]) for r in pair_ranks)
+    out["overlap_efficiency_stream_model_hops"] = min(stream_efficiency(r["overlapped_hops"]) for r in pair_ranks)
+    out["stream_model_hops_crossings"] = sum(r["overlapped_hops"]["crossings"] for r in pair_ranks)
     out["stream_model_link_scale"] = pair_ranks[0]["scale"]
     return out
 
@@ -588,7 +592,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "dualpipe_step_ratio_link_model" in result:
         print(f"DualPipe step (PP 2 x EP {world // 2}, {args.dualpipe_microbatches} micro-batches), overlapped / sequential: "
               + ", ".join(f"{name} {result[f'dualpipe_step_ratio_{name}']:.3f}" for name in NAMES))
-    print(f"stream model, sequential pair: efficiency {result['stream_model_sequential_efficiency']:.3f}")
+    print(f"stream model, sequential pair: efficiency {result['stream_model_sequential_efficiency']:.3f}; "
+          f"overlapped pair with the later hops issued by the consumer (not one kernel): "
+          f"{result['overlap_efficiency_stream_model_hops']:.3f}, crossings {result['stream_model_hops_crossings']}")
     for key in ("", "dualpipe_"):
         if f"{key}overlap_efficiency_stream_model" in result:
             print(f"stream model ({'DualPipe steady state: the F&B pairs of a step' if key else 'the pair'}): "

@@ -10,8 +10,10 @@ this module records per rank while the real code runs (on CPU, with gloo):
   Kernel(side, seconds)    a GEMM-bearing module's forward, input-gradient or weight-gradient work, at the
                            compute model's cost (comm/compute_model.py); other ops are free
   Issue(transfer, side)    a transfer (a whole dispatch, combine or the backward of one, all its hops and
-                           count exchanges, as one communication kernel such as DeepEP's) reaches the
-                           communication stream; it cannot start before the compute enqueued before it is done
+                           count exchanges, as one communication kernel such as DeepEP's; with fused=False
+                           the hops after the first are separate transfers, issued and waited for by the
+                           consumer, as moetron's two-hop code does) reaches the communication stream; it
+                           cannot start before the compute enqueued before it is done
   Wait(transfer, side)     the consumer of that transfer is about to be enqueued: the compute stream waits
 
 and replays it: one in-order compute queue, one in-order communication queue, each transfer taking the link
@@ -64,13 +66,16 @@ Event = Kernel | Issue | Wait | Mark
 @dataclass
 class StreamRecorder:
     """The enqueue order of one rank. `side` is the side of a pair whose work is being enqueued now (set by
-    the pair at each hand-over; "-" outside pairs); `current` the transfer whose hops are being issued."""
+    the pair at each hand-over; "-" outside pairs)."""
 
     link: LinkModel
     events: list[Event] = field(default_factory=list)
     hops: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # transfer -> (intra, inter) bytes/hop
     side: str = "-"
-    current: int | None = None
+    # True: a transfer's later hops belong to it (one communication kernel, as DeepEP's two-hop kernels).
+    # False: as moetron's two-hop code issues them: the hops after the first are issued by the consumer, after
+    # its wait, and waited for at once (each its own transfer).
+    fused: bool = True
 
     def kernel(self, seconds: float, label: str = "") -> None:
         self.events.append(Kernel(self.side, seconds, label))

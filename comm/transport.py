@@ -113,18 +113,19 @@ class Transport:
         if transfer is None:  # a collective outside any transfer: a transfer of its own, waited for at once
             transfer = streams.issue("other")
             streams.wait(transfer)
-        peers = dist.get_process_group_ranks(group)
-        streams.hop(transfer, *streams.link.peer_bytes(peers, peers.index(dist.get_rank()), send_splits,
-                                                       recv_splits, row_bytes))
+        streams.hop(transfer, *self.link_bytes(streams.link, group, send_splits, recv_splits, row_bytes))
 
     def _book(self, group, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> float | None:
         """The link model's deadline for this transfer (None without a link model)."""
         if self.link is None:
             return None
+        return self.link.issue(*self.link_bytes(self.link, group, send_splits, recv_splits, row_bytes))
+
+    def link_bytes(self, model: LinkModel, group, send_splits: list[int], recv_splits: list[int],
+                   row_bytes: int) -> tuple[int, int]:
+        """(intra-node, inter-node) bytes of a collective on `model`'s links (rows to myself are free)."""
         peers = dist.get_process_group_ranks(group)
-        intra, inter = self.link.peer_bytes(peers, peers.index(dist.get_rank()), send_splits, recv_splits,
-                                            row_bytes)
-        return self.link.issue(intra, inter)
+        return model.peer_bytes(peers, peers.index(dist.get_rank()), send_splits, recv_splits, row_bytes)
 
     def all_to_all(self, buf: torch.Tensor, group, send_splits: list[int], recv_splits: list[int], what: str,
                    async_op: bool = False, backward: bool = False):
@@ -233,7 +234,9 @@ class Pending:
             transport = self._transport
             if transport is not None:
                 transport.before_consumer(self._transfer)
-            with transport.issuing(self._transfer) if transport is not None else contextlib.nullcontext():
+            fused = transport is not None and (transport.streams is None or transport.streams.fused)
+            with transport.issuing(self._transfer if fused else None) if transport is not None \
+                    else contextlib.nullcontext():
                 if self._work is not None:
                     self._work.wait()
                 self._result, self._done = self._finish(), True
