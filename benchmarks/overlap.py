@@ -45,6 +45,21 @@ Writes benchmarks/results/overlap.json, a flat JSON object:
   dualpipe_<t>_sequential_ms, dualpipe_<t>_overlapped_ms, dualpipe_step_ratio_<t>
                                         a whole DualPipe step (PP 2 x EP over the rest, --dualpipe-microbatches,
                                         one MoE block per stage) with sequential vs overlapped F&B
+  overlap_efficiency_stream_model       the pair on the stream model (comm/stream_model.py): the order in which
+                                        the overlapped pair's work reached one compute stream and one
+                                        communication stream, replayed with the compute model's kernel costs and
+                                        the link model's times (links scaled so that the pair communicates
+                                        comm_ratio x its modelled compute), each transfer one communication
+                                        kernel (as DeepEP's two-hop kernels); the worst rank. Independent of the
+                                        machine's load: it is what a GPU's streams would do with that order
+  overlap_efficiency_stream_model_hops  the same with the hops after the first issued by the consumer, after its
+                                        wait, as moetron's two-hop code does (flat dispatch: one hop, the same)
+  stream_model_sequential_efficiency    the sequential pair on the stream model (~0)
+  stream_model_crossings                stalls in which one side's compute queued behind the other side's wait
+  dualpipe_overlap_efficiency_stream_model, dualpipe_stream_model_*   the DualPipe steady state on the stream
+                                        model: the F&B pairs of one overlapped step, summed
+  stream_model_*_ms                     the modelled compute, communication and overlapped time of the worst rank
+With --stream-model-only only the stream-model keys are measured (minutes less, no timed runs).
 and per-rank timelines of the sub-steps of one overlapped pair: benchmarks/results/overlap.png (link model)
 and overlap_modelled.png (link and compute model).
 """

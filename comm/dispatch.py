@@ -11,7 +11,8 @@ combine: the adjoint. Each rank returns one row per received row (its experts' g
 sums the copies of a token (in FP32), and the home rank gets sum_k gate_k * expert_k(x).
 
 Both are differentiable: the backward of dispatch is a combine of the gradients and the backward of
-combine is a dispatch. Received rows are ordered by (source EP rank, source row) in both modes, so
+combine is a dispatch (on the transport's twin groups, if registered: comm/transport.py). Each is a transfer
+issued asynchronously and waited for just before its consumer (comm/overlap.py hands over there). Received rows are ordered by (source EP rank, source row) in both modes, so
 each expert sees its tokens in the order of the concatenated batch. FP8 dispatch quantizes once at home
 (E4M3, 1x128 scales; relayed as bytes) and dequantizes at the destination; gradients travel unquantized.
 """
