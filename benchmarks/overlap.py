@@ -57,7 +57,8 @@ Writes benchmarks/results/overlap.json, a flat JSON object:
   stream_model_sequential_efficiency    the sequential pair on the stream model (~0)
   stream_model_crossings                stalls in which one side's compute queued behind the other side's wait
   dualpipe_overlap_efficiency_stream_model, dualpipe_stream_model_*   the DualPipe steady state on the stream
-                                        model: the F&B pairs of one overlapped step, summed
+                                        model: the F&B pairs of one overlapped step (--stream-microbatches),
+                                        summed
   stream_model_*_ms                     the modelled compute, communication and overlapped time of the worst rank
 With --stream-model-only only the stream-model keys are measured (minutes less, no timed runs).
 and per-rank timelines of the sub-steps of one overlapped pair: benchmarks/results/overlap.png (link model)
@@ -230,11 +231,14 @@ def dualpipe_steps(args, device, models: dict, stream: tuple | None = None) -> d
     if stream is not None:  # the steady state on the stream model: the F&B pairs of one step
         flops_per_s, link = stream
         streams, detach = stream_recording(args, flops_per_s, list(stages.values()), transport)
-        recording = PipelineExecutor(schedule, stages, loss_fn, group=pp_group,
+        steady = build_schedule("dualpipe", 2, args.stream_microbatches)  # enough micro-batches for many pairs
+        recording = PipelineExecutor(steady, stages, loss_fn, group=pp_group,
                                      forward_backward=_segment(overlapped, streams, "pair"))
+        rows = max(1, args.tokens // SEQ)
+        many = [torch.randn(rows * args.stream_microbatches, SEQ, args.hidden, generator=g).to(device) for _ in range(2)]
         for _ in range(2):
             streams.events.clear()
-            recording.step(inputs, targets)
+            recording.step(*many)
         detach()
         out["stream_model"] = replay_segments(streams, "pair", link)
         for m in stages.values():
@@ -539,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dualpipe-steps", type=int, default=3,
                         help="timed DualPipe steps (PP 2 x EP) with and without overlap; 0: skip")
     parser.add_argument("--dualpipe-microbatches", type=int, default=4)
+    parser.add_argument("--stream-microbatches", type=int, default=12,
+                        help="micro-batches of the DualPipe step recorded on the stream model (12: 9 F&B pairs per rank)")
     parser.add_argument("--stream-model-only", action="store_true",
                         help="only the stream model (pair and DualPipe steady state), no timed runs")
     parser.add_argument("--timeout", type=float, default=500.0)
