@@ -17,8 +17,8 @@ Three set-ups:
                           factor so the modelled communication of a pair is --comm-ratio x its measured
                           compute); the compute is this CPU's, and 4 ranks on 2 cores are bound by the cores
                           (the CPU ceiling below says how far);
-  link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate holding its side's compute
-                          token, and so does the attention core (rate: --compute-scale x slower than this CPU's
+  link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate while its side of the pair
+                          runs, and so does the attention core (rate: --compute-scale x slower than this CPU's
                           compute of the pair), so the cores no longer bound the
                           pair and what is measured is what the schedule hides, as on GPUs.
 The default --comm-ratio 2/3 gives each chunk's all-to-alls the time the forward chunk computes (backward
@@ -494,7 +494,7 @@ def plot(ranks: list, title: str, path: Path) -> None:
             end = [m[3] for m in marks if m[1] == role and m[2].endswith("end")]
             if not begin or not end:
                 continue
-            waits = sorted((s[3], s[4]) for s in spans if s[1] == role and s[2] in ("wait", "token"))
+            waits = sorted((s[3], s[4]) for s in spans if s[1] == role and s[2] == "wait")
             cursor = begin[-1]
             for a, b in waits + [(end[-1], end[-1])]:  # compute = the thread's time outside waits
                 if a > cursor:

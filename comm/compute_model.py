@@ -7,8 +7,9 @@ arithmetic competes for the same cores, so the time an overlapped pair takes is 
 cores, not by what the schedule hides. With a compute model attached, every GEMM-bearing module (each
 nn.Linear, and each grouped expert module, recognized by its `gate_up_proj` and `down_proj` weights) also
 SLEEPS for flops / rate seconds after its forward, and as long again for its input gradients and for its
-weight gradients, holding its side's compute token, as a busy compute stream would. The real arithmetic still runs, so results are unchanged bit for
-bit; with `rate` well below the machine's own speed the modelled time dominates and the cores stay mostly
+weight gradients, while its side of an overlapped pair runs (comm/overlap.py), as a busy compute stream
+would; with `streams` set, each charge is also recorded as a kernel of the stream model
+(comm/stream_model.py). The real arithmetic still runs, so results are unchanged bit for bit; with `rate` well below the machine's own speed the modelled time dominates and the cores stay mostly
 free, so the overlap measured is the schedule's.
 
     model = ComputeModel(flops_per_s=2e9)
