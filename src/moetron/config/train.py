@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from moetron.config.data import BlendSource, DataConfig, SpecialTokens, validate_data
 from moetron.config.checks import require_finite
+from moetron.config.data import BlendSource, DataConfig, SpecialTokens, validate_data
 from moetron.config.errors import invalid
 
 __all__ = ["BlendSource", "DataConfig", "OptimConfig", "RunConfig", "SpecialTokens", "TrainConfig",

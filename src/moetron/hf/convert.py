@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import CheckpointStore
-from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
+from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.store import STEP_DIR, TRAIN_STATE
 from moetron.config import ConfigError, ModelConfig, MoetronConfig
 from moetron.config.hydra import to_yaml

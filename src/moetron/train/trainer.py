@@ -73,6 +73,11 @@ def config_fields():
         raise invalid(field, err.value, err.valid, err.detail) from err
 
 
+class Diverged(RuntimeError):
+    """train.max_nonfinite_steps consecutive steps had a NaN/Inf loss or gradient: the run stops (exit 1),
+    its checkpoints hold only finite weights (a non-finite step is never applied)."""
+
+
 @dataclass
 class TrainState:
     """Everything besides model and optimizer that a resumed run needs. `tokens` counts trained tokens
@@ -175,6 +180,7 @@ class Trainer:
         self.sink = None
         self.stop_signal: str | None = None  # set by SIGUSR1/SIGTERM: finish the step, checkpoint, exit
         self.state = TrainState()
+        self.nonfinite_streak = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
 
     # ------------------------------------------------------------------------------------ layout
     def build_mesh(self, ranks_per_node: int) -> ProcessMesh:
@@ -579,6 +585,7 @@ class Trainer:
 
     def decide(self, step: int, verdict: Verdict, loss: float, grad_norm: float) -> str:
         """apply | skip | rollback, from the verdict and the spike policy; every non-apply is an event."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if verdict.kind == "nonfinite" else 0
         if verdict.ok:
             return "apply"
         spike = self.cfg.monitor.spike
@@ -597,20 +604,26 @@ class Trainer:
             self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
         return action
 
-    def _before(self, step: int) -> Path | None:
-        """The newest complete checkpoint taken before `step`."""
-        earlier = [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
-        return earlier[-1] if earlier else None
+    def _before(self, step: int) -> list[Path]:
+        """The complete checkpoints taken before `step`, oldest first."""
+        return [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
 
     def rollback(self, spike_step: int, batch_size: int) -> None:
-        """PaLM-style: restore the newest checkpoint before the spike, move the data cursor past the spike
-        plus `rollback_skip_batches` batches, and save at once so a crash cannot replay the bad window."""
-        target = self._before(spike_step)
+        """PaLM-style: restore the newest sound checkpoint before the spike (a damaged one is moved aside and
+        the next older tried), move the data cursor past the spike plus `rollback_skip_batches` batches, and
+        save at once so a crash cannot replay the bad window."""
         cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
-        rollbacks = self.state.rollbacks + 1
-        self.barrier()  # every rank has decided on the same checkpoint before any reads it
-        restored = TrainState.from_dict(self.checkpoints.load(target, self.state_entries()))
-        self.state = TrainState(restored.step, restored.tokens, cursor, rollbacks)
+        self.barrier()  # every rank has decided on the same checkpoints before any reads them
+        for target in reversed(self._before(spike_step)):
+            try:
+                restored = TrainState.from_dict(self.checkpoints.load(target, self.state_entries()))
+                break
+            except ConfigError as err:
+                self.events.event("checkpoint_skipped", spike_step, reason=str(err))
+        else:  # nothing sound to go back to: the spike's update was not applied; carry on from here
+            self.events.event("rollback_failed", spike_step, reason="no sound checkpoint before the spike")
+            return
+        self.state = TrainState(restored.step, restored.tokens, cursor, self.state.rollbacks + 1)
         self.detector.forget_after(restored.step)
         self._truncate_logs(restored.step)
         self.events.event("rollback", spike_step, to_step=restored.step, checkpoint=str(target),
@@ -659,6 +672,8 @@ class Trainer:
             step_start = time.perf_counter()
             record = self.train_step()
             loads = record.pop("_loads")
+            if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                return self.diverged(record, bar)
             if record["action"] == "rollback":
                 bar.n = self.state.step
                 bar.refresh()
@@ -674,7 +689,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            saved = step % self.save_every() == 0 or step == total
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
+            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
             if saved:
                 self.save()
             bar.update(1)
@@ -684,6 +700,17 @@ class Trainer:
         self.events.event("finish", self.state.step)
         self.finish()
         return record
+
+    def diverged(self, record: dict, bar):
+        """Stop: nothing finite is left to train on. The checkpoints (all finite) stay as they are."""
+        bar.close()
+        self.log(record, 0.0, 0.0)
+        self.events.event("diverged", self.state.step, nonfinite_steps=self.nonfinite_streak)
+        self.finish()
+        raise Diverged(f"{self.nonfinite_streak} consecutive steps (up to step {self.state.step}) had a NaN or Inf "
+                       f"loss or gradient (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); no update "
+                       f"was applied. The checkpoints in {self.run_dir / 'checkpoints'} hold the last finite weights. "
+                       "Check the data, lower train.optim.lr, or raise train.max_nonfinite_steps.")
 
     def preempt(self, record: dict, saved: bool, bar) -> dict:
         """Stop after a complete step with a checkpoint, so the requeued job resumes with nothing lost."""
