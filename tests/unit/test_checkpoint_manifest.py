@@ -10,9 +10,9 @@ import torch.distributed.checkpoint as dcp
 from helpers import small_model_config
 
 from moetron.checkpoint import CheckpointStore
-from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.manifest import MANIFEST, verify_manifest, write_manifest
 from moetron.checkpoint.metadata import read_dcp_metadata
+from moetron.checkpoint.state import model_entries
 from moetron.config import ConfigError
 from moetron.model import DeepSeekV3
 

@@ -12,8 +12,8 @@ from helpers import small_model_config
 from torch.distributed.checkpoint.api import CheckpointException
 
 from moetron.checkpoint import CheckpointStore
-from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
+from moetron.checkpoint.state import model_entries
 from moetron.config import ConfigError, MoetronConfig, OptimConfig
 from moetron.config.hydra import to_yaml
 from moetron.hf.__main__ import main as hf_main
