@@ -53,8 +53,11 @@ class SpikeDetector:
                                  f"mean {mean:.4g})")
         return Verdict("ok")
 
-    def forget_after(self, step: int) -> None:
-        """After a rollback to `step`, later steps are no longer part of the run's history."""
-        kept = [h for h in self.history if h[0] <= step]
+    def state(self) -> list[list[float]]:
+        """The baseline window, for checkpoints: a resumed run judges its next steps exactly as the
+        uninterrupted run would (no blind `min_history` steps after every restart)."""
+        return [list(h) for h in self.history]
+
+    def load_state(self, saved: list) -> None:
         self.history.clear()
-        self.history.extend(kept)
+        self.history.extend((int(step), float(loss), float(grad)) for step, loss, grad in saved)

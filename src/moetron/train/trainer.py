@@ -52,6 +52,7 @@ from moetron.train import schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
 from moetron.train.parallelize import parallelize
+from moetron.train.run_lock import RunDirLock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
 # The config field behind each parameter name moetron.parallel / moetron.comm / moetron.device report.
@@ -305,7 +306,8 @@ class Trainer:
 
     def save(self) -> None:
         step = self.state.step
-        train_state = {**asdict(self.state), "has_optimizer": True, "layout": self.layout()}
+        train_state = {**asdict(self.state), "has_optimizer": True, "layout": self.layout(),
+                       "spike_history": self.detector.state()}
         path = self.checkpoints.save(step, self.state_entries(), train_state,
                                      before_publish=self.faults.checkpoint_hook(step))
         self.events.event("checkpoint", step, path=str(path))
@@ -317,6 +319,7 @@ class Trainer:
     def start(self) -> None:
         """Create the run directory, or resume from its newest complete checkpoint (saved by any layout)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_run_dir()
         self._check_same_model()
         self.barrier()  # every rank has compared against the saved config before the writer replaces it
         if self.is_writer:
@@ -338,6 +341,7 @@ class Trainer:
 
     def _resumed(self, loaded) -> None:
         self.state = TrainState.from_dict(loaded.train_state)
+        self.detector.load_state(loaded.train_state.get("spike_history", []))
         for reason in loaded.skipped:
             self.events.event("checkpoint_skipped", self.state.step, reason=reason)
         self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
@@ -346,6 +350,17 @@ class Trainer:
         saved_layout = loaded.train_state.get("layout")  # None: an HF import
         if saved_layout != self.layout():  # any layout resumes any checkpoint: a note, never an error
             self.events.event("layout_change", self.state.step, old=saved_layout, new=self.layout())
+
+    def _lock_run_dir(self) -> None:
+        """Refuse to share run.dir with another trainer (rank 0 holds the lock; every rank learns the verdict)."""
+        self.run_lock = RunDirLock(self.run_dir)
+        holder = [self.run_lock.acquire() if self.is_writer else None]
+        if self.world > 1:
+            dist.broadcast_object_list(holder, src=0, group=self.runtime.object_group)
+        if holder[0] is not None:
+            raise invalid("run.dir", str(self.run_dir), "a run directory no other trainer is using (wait for that "
+                          "run to end or stop it, or choose another run.dir)",
+                          f"Another trainer is training in it: {holder[0]}.")
 
     def _truncate_logs(self, step: int) -> None:
         self.metrics.truncate_after(step)
@@ -616,7 +631,8 @@ class Trainer:
         self.barrier()  # every rank has decided on the same checkpoints before any reads them
         for target in reversed(self._before(spike_step)):
             try:
-                restored = TrainState.from_dict(self.checkpoints.load(target, self.state_entries()))
+                saved = self.checkpoints.load(target, self.state_entries())
+                restored = TrainState.from_dict(saved)
                 break
             except ConfigError as err:
                 self.events.event("checkpoint_skipped", spike_step, reason=str(err))
@@ -624,7 +640,7 @@ class Trainer:
             self.events.event("rollback_failed", spike_step, reason="no sound checkpoint before the spike")
             return
         self.state = TrainState(restored.step, restored.tokens, cursor, self.state.rollbacks + 1)
-        self.detector.forget_after(restored.step)
+        self.detector.load_state(saved.get("spike_history", []))
         self._truncate_logs(restored.step)
         self.events.event("rollback", spike_step, to_step=restored.step, checkpoint=str(target),
                           skipped_sequences=cursor - restored.sequences, data_cursor=cursor)
@@ -655,8 +671,8 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict | None:
-        if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM)
-            for signum in (signal.SIGUSR1, signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM, ^C)
+            for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: no step lost
                 signal.signal(signum, self.request_stop)
         self.start()
         cfg = self.cfg
@@ -747,6 +763,7 @@ class Trainer:
     def finish(self) -> None:
         if self.ema is not None:
             self.ema.close()
+        self.run_lock.release()
         if self.cfg.monitor.report and self.is_writer:
             from moetron.report import draw_report
 
