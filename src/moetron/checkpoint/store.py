@@ -71,9 +71,29 @@ class CheckpointStore:
     # ---- save -----------------------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, torch.Tensor], train_state: dict, before_publish=None) -> Path:
         """Publish `state` (this rank's keys; every rank calls it) with `train_state` (rank 0 writes it).
-        `before_publish` runs when everything is written but not yet renamed (fault drills use it)."""
+        `before_publish` runs when everything is written but not yet renamed (fault drills use it). A full
+        disk or a read-only directory is a ConfigError naming the path and the free space; the temporary
+        directory is removed and the published checkpoints stay as they were."""
         final = self.path(step)
         tmp = self.root / f".{final.name}.tmp-save"
+        try:
+            self._write(tmp, state, train_state)
+        except (OSError, CheckpointException) as err:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(self._cannot_write(tmp, err)) from err
+        if before_publish is not None:
+            before_publish()
+        self.barrier()
+        if self.rank == 0:
+            if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the atomic publish
+            self._prune()
+        self.barrier()
+        return final
+
+    def _write(self, tmp: Path, state: dict[str, torch.Tensor], train_state: dict) -> None:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -88,16 +108,19 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             write_manifest(tmp)
-        if before_publish is not None:
-            before_publish()
-        self.barrier()
-        if self.rank == 0:
-            if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # the atomic publish
-            self._prune()
-        self.barrier()
-        return final
+
+    def _cannot_write(self, tmp: Path, err: BaseException) -> str:
+        try:
+            usage = shutil.disk_usage(self.root)
+            space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+        except OSError:
+            space = "free space unknown"
+        cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+        kept = [p.name for p in self.complete()]
+        return (f"Cannot write checkpoint {tmp.name.removeprefix('.').split('.tmp')[0]} under {self.root} "
+                f"({cause[0].strip()}; {space}). The checkpoints already published are untouched "
+                f"({', '.join(kept) or 'none yet'}). Valid: a run.dir on a writable file system with room for "
+                "another checkpoint (free space, or lower run.keep_checkpoints), then rerun to resume.")
 
     def remove_stale(self) -> list[Path]:
         """Delete the temporary directories of saves that were interrupted (never published): rank 0."""

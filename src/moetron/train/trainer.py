@@ -671,6 +671,13 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict | None:
+        try:
+            return self._fit()
+        finally:
+            if hasattr(self, "run_lock"):
+                self.run_lock.release()  # whatever ended the run, another trainer may now take run.dir
+
+    def _fit(self) -> dict | None:
         if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM, ^C)
             for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: no step lost
                 signal.signal(signum, self.request_stop)
