@@ -28,7 +28,7 @@ def small_disk(tmp_path, corpus):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
 def test_full_disk_names_the_path_and_keeps_the_published_checkpoints(small_disk, corpus):
