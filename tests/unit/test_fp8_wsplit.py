@@ -12,13 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from moetron.parallel import ChunkBackward, PipelineExecutor, build_schedule
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
 from moetron.fp8 import grouped, linear
 from moetron.fp8.gemm import fp8_gemm
 from moetron.fp8.grouped import FP8GroupedExperts, fp8_grouped_linear
 from moetron.fp8.linear import FP8Linear
-from moetron.parallel import ChunkBackward, PipelineExecutor, build_schedule
-from torch import nn
-from torch.autograd.graph import get_gradient_edge
 
 DIM, EXPERTS, INTER = 160, 3, 96  # ragged against 128 on purpose
 
