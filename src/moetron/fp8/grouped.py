@@ -29,9 +29,16 @@ from moetron.fp8.quant import (
 )
 
 
+def prepared(kernel: Kernel, data: torch.Tensor) -> torch.Tensor:
+    """An operand in the form `kernel` multiplies, converted once for all experts (kernel.prepare, if any)."""
+    prepare = getattr(kernel, "prepare", None)
+    return data if prepare is None else prepare(data)
+
+
 def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
     """Rows of expert e times b[e]^T: a [N, K] FP8 (1x128), b [E, out, K] FP8 (128x128) -> [N, out]."""
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    a, b = prepared(kernel, a), prepared(kernel, b)
     start = 0
     for expert, rows in enumerate(splits):
         if rows:
@@ -44,6 +51,7 @@ def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], ou
 
 def grouped_wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, splits: list[int], out) -> torch.Tensor:
     """out[e] = dy_e^T x_e from grouped 128x1 data (scales hold ceil(rows_e / 128) tiles per expert)."""
+    dy_t, x_t = prepared(kernel, dy_t), prepared(kernel, x_t)
     row = tile = 0
     for expert, rows in enumerate(splits):
         tiles = ceil_div(rows, TILE)
@@ -72,19 +80,21 @@ def _wgrad_q(kernel, dy_q, x_q, weight, splits):
 class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts, kernel, power_of_two, keep_for_wgrad):
-        splits = counts.tolist()
+        splits, out_dtype, x_dtype = counts.tolist(), compute_dtype(x), x.dtype
+        x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, power_of_two)
         w_q, w_s = quantize_128x128(weight, power_of_two)
-        y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, compute_dtype(x))
+        y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, out_dtype)
         saved = quantize_128x1_grouped(x, counts, power_of_two) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(*saved, weight, counts)
-        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x.dtype
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x_dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_t, x_t_s, weight, counts = ctx.saved_tensors
         kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
+        dy = dy.float()  # once, for both quantizations
         dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype) if wanted(ctx, 0) else None
         dw = _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2) if wanted(ctx, 1) else None
         return dx, dw, None, None, None, None
@@ -104,17 +114,18 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad):
-        p2, splits = power_of_two, counts.tolist()
+        p2, splits, out_dtype, x_dtype = power_of_two, counts.tolist(), compute_dtype(x), x.dtype
+        x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, p2)
         w1_q, w1_s = quantize_128x128(gate_up, p2)
         h = grouped_gemm(kernel, x_q, x_s, w1_q, w1_s, splits, torch.float32)
         h_q, h_s = quantize_1x128(h, p2)  # the SwiGLU input, cached in FP8
         a_q, a_s = quantize_1x128(_swiglu(h), p2)
         w2_q, w2_s = quantize_128x128(down, p2)
-        y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, compute_dtype(x))
+        y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, out_dtype)
         x_t, x_t_s = quantize_128x1_grouped(x, counts, p2) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(x_t, x_t_s, h_q, h_s, gate_up, down, counts)
-        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x.dtype
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x_dtype
         ctx.kept_for_w = {}
         return y
 
@@ -122,6 +133,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x_t, x_t_s, h_q, h_s, gate_up, down, counts = ctx.saved_tensors
         kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
+        dy = dy.float()  # once, for both quantizations
         want_x, want_gate_up, want_down = (wanted(ctx, i) for i in range(3))
         later_gate_up, later_down = deferred(ctx, 1), deferred(ctx, 2)
         # The 128x1 operands of the two Wgrads: kept by a B for its W, else built here when needed.

@@ -34,7 +34,7 @@ def wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, out_dtype) -> torc
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kernel, power_of_two, keep_for_wgrad):
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).float()  # once, for both quantizations
         out_dtype = compute_dtype(x)
         x_q, x_s = quantize_1x128(rows, power_of_two)
         w_q, w_s = quantize_128x128(weight, power_of_two)
@@ -52,7 +52,7 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_t, x_t_s, weight = ctx.saved_tensors
         kernel, p2 = ctx.kernel, ctx.power_of_two
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).float()  # once, for every use below
         dx = dw = db = None
         if wanted(ctx, 0):
             dy_q, dy_s = quantize_1x128(dy, p2)
@@ -62,7 +62,7 @@ class FP8LinearFunction(torch.autograd.Function):
             dy_t, dy_t_s = quantize_128x1(dy, p2)
             dw = wgrad(kernel, dy_t, dy_t_s, x_t, x_t_s, weight.dtype)
         if ctx.bias_dtype is not None and wanted(ctx, 2):
-            db = dy.float().sum(0).to(ctx.bias_dtype)
+            db = dy.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
 
 
