@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import tempfile
 import time
@@ -126,7 +127,11 @@ def train_one(job: tuple) -> dict:
     if not _finished(metrics, config.train.steps):
         from moetron.train.trainer import Trainer
 
-        Trainer(config).fit()
+        try:
+            Trainer(config).fit()
+        finally:  # the trainer's preemption handlers would keep this worker from ending on SIGTERM
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
     records = _read_metrics(metrics)
     return {**run, "records": records, "wall_s": time.perf_counter() - start}
 
@@ -256,11 +261,16 @@ def main(argv=None) -> dict:
                 for run in plan]
         print(f"fp8_loss: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time ...", flush=True)
         runs = {}
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)  # a fresh process per run
+        try:
             for run in pool.imap_unordered(train_one, jobs):
                 runs[run["name"]] = run
                 print(f"fp8_loss: {run['name']}: last-{args.last} loss {final_loss(run, args.last):.4f}, median step "
                       f"{median_step_s(run) * 1e3:.0f} ms, {run['wall_s']:.0f} s", flush=True)
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
     result = summarize(args, runs)
     (out / "fp8_loss.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(args, runs, result, out / "fp8_loss.png")
