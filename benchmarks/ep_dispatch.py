@@ -1,6 +1,6 @@
 """How many bytes cross nodes per token in expert-parallel dispatch, and what does two-hop save?
 
-V3 routing (SPEC §1.3, §3.2): experts in G groups = nodes, each token keeps the M nodes with the best
+V3 routing (arXiv 2412.19437 §2.1.2, §3.2): experts in G groups = nodes, each token keeps the M nodes with the best
 top-(K/M) score sums and takes its top-K experts there. Three ways to move a token:
   naive    one copy per selected expert (K rows, minus those on the home node)
   flat     one copy per destination RANK (per-rank dedup, one all-to-all)

@@ -1,4 +1,4 @@
-"""How much memory do the distributed trainer's SPEC §3 switches save? `parallel.recompute` and `parallel.ema`.
+"""How much memory do the distributed trainer's arXiv 2412.19437 §3.2 switches save? `parallel.recompute` and `parallel.ema`.
 
 1. Selective recompute (`parallel.recompute=true`, `moetron.model.stages.apply_selective_recompute`, the very
    function the distributed trainer calls): every RMSNorm, and each MLA up-projection with the norm of its
@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetron.config import ModelConfig, MoetronConfig, ParallelConfig
+from moetron.config import ModelConfig
 from moetron.model import DeepSeekV3
 from moetron.model.stages import PipelineStage, apply_selective_recompute, split_stages
 from moetron.plan.memory import Precision, stage_activation_per_token
@@ -274,22 +274,13 @@ def measure_rss(args, stage: int, variant: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- EMA
 def measure_ema(stage: nn.Module, steps: int = 10, decay: float = 0.999) -> dict:
-    """The distributed trainer's EMA (build_optimizer / after_update / ema_wait of DistributedTrainer) on
-    the parameters of `stage`, as one rank with dp=1 (it owns every parameter under ZeRO-1)."""
-    from moetron.train.distributed import DistributedTrainer
-    from moetron.train.zero import ShardGroup
-
-    class OneRank:  # what the three methods read of a DistributedTrainer: config, rank, shard groups, optimizer
-        build_optimizer = DistributedTrainer.build_optimizer
-        after_update = DistributedTrainer.after_update
-        ema_wait = DistributedTrainer.ema_wait
+    """The trainer's weight EMA (moetron.train.ema.WeightEMA) on the parameters of `stage`, as one rank with
+    dp=1 (it owns every parameter under ZeRO-1)."""
+    from moetron.train.ema import WeightEMA
 
     params = sorted({id(p): (n, p) for n, p in stage.named_parameters()}.values(), key=lambda kp: kp[0])
-    rank = OneRank()
-    rank.cfg = MoetronConfig(parallel=ParallelConfig(ema=True, ema_decay=decay))
-    rank.rank, rank.shard_groups = 0, [ShardGroup([0], None, params)]
-    rank.optimizer = rank.build_optimizer()
-    ema = rank.ema
+    weights = WeightEMA(dict(params), decay)
+    ema = weights.averages
     assert set(ema) == {n for n, _ in params}, "the EMA should hold every parameter this rank owns"
     name, first = params[0]
     reference = first.detach().clone()  # the EMA's arithmetic, redone here on one parameter
@@ -299,14 +290,14 @@ def measure_ema(stage: nn.Module, steps: int = 10, decay: float = 0.999) -> dict
             for _, p in params:  # stand-in for an optimizer step: the weights move
                 p.add_(torch.randn_like(p), alpha=1e-4)
             t0 = time.perf_counter()
-            rank.after_update()
+            weights.update()
             t1 = time.perf_counter()
-            rank.ema_wait()
+            weights.wait()
             t2 = time.perf_counter()
             submit.append(t1 - t0)
             update.append(t2 - t0)
             reference.lerp_(first.detach(), 1.0 - decay)  # avg <- avg + (1 - decay) * (w - avg)
-    rank._ema_worker.shutdown()
+    weights.close()
     nbytes = sum(t.numel() * t.element_size() for t in ema.values())
     devices = sorted({str(t.device) for t in ema.values()})
     return {
@@ -317,7 +308,7 @@ def measure_ema(stage: nn.Module, steps: int = 10, decay: float = 0.999) -> dict
         "decay": decay, "update_ms_median": 1e3 * statistics.median(update), "update_ms_min": 1e3 * min(update),
         "submit_ms_median": 1e3 * statistics.median(submit), "steps": steps,
         "matches_reference": bool(torch.allclose(ema[name], reference, rtol=0, atol=1e-7)),
-        "reused": "moetron.train.distributed.DistributedTrainer.build_optimizer / after_update / ema_wait",
+        "reused": "moetron.train.ema.WeightEMA (what the trainer runs)",
     }
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.state import model_entries
 from moetron.config import ModelConfig, MoetronConfig
 from moetron.config.hydra import to_yaml
 from moetron.hf import export_checkpoint
@@ -68,7 +69,7 @@ def load_transformers_copy(model: DeepSeekV3, cfg: ModelConfig):
         run = Path(tmp) / "run"
         run.mkdir()
         (run / "config.yaml").write_text(to_yaml(MoetronConfig(model=cfg)))
-        CheckpointStore(run / "checkpoints").save(0, model, None, {"step": 0})
+        CheckpointStore(run / "checkpoints").save(0, model_entries(model), {"step": 0, "has_optimizer": False})
         export_checkpoint(run, Path(tmp) / "hf", dtype="fp32")
         return DeepseekV3ForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32)
 

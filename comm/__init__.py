@@ -1,4 +1,4 @@
-"""moetron.comm: expert-parallel dispatch/combine with node-limited routing (SPEC §3.2).
+"""moetron.comm: expert-parallel dispatch/combine with node-limited routing (arXiv 2412.19437 §3.2.2).
 
 Flat (one all-to-all) or two-hop (across nodes on the rail, then inside the node) transport, FP8 wire
 payloads, differentiable both ways, async handles for overlap, and byte counters. Knows nothing about

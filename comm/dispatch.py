@@ -1,4 +1,4 @@
-"""Expert-parallel dispatch and combine (SPEC §3.2) over an EPGroup.
+"""Expert-parallel dispatch and combine (arXiv 2412.19437 §3.2.2) over an EPGroup.
 
 dispatch: every token goes from its home rank to the ranks that hold any of its top-K experts, ONCE per
 rank (its row carries all K gates and ids; the receiver keeps the ones it holds).
@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from moetron.config.errors import invalid
+from moetron.comm.errors import ParameterError
 
 from .layout import EPGroup
 from .payload import DispatchFormat, from_bytes, to_bytes
@@ -105,7 +104,7 @@ class Dispatcher:
                  combine_dtype: torch.dtype | None = None, stats: CommStats | None = None,
                  transport: Transport | None = None):
         if mode not in MODES:
-            raise invalid("parallel.ep_dispatch", mode, "'flat' or 'two_hop'")
+            raise ParameterError("mode", mode, " | ".join(MODES))
         self.ep, self.num_experts, self.mode, self.fp8 = ep, num_experts, mode, fp8
         self.experts_per_rank = ep.experts_per_rank(num_experts)
         self.combine_dtype = combine_dtype

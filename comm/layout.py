@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
-
-from moetron.config.errors import ConfigError, invalid
+from moetron.comm.errors import ParameterError
 
 
 def node_slices(ranks: list[int], ranks_per_node: int) -> list[list[int]]:
@@ -24,19 +23,18 @@ def node_slices(ranks: list[int], ranks_per_node: int) -> list[list[int]]:
     return list(slices.values())
 
 
-def local_size_of(ranks: list[int], ranks_per_node: int, field: str = "parallel.ep") -> int:
-    """EP ranks per node of the group; raises ConfigError unless every node holds the same number."""
+def local_size_of(ranks: list[int], ranks_per_node: int) -> int:
+    """EP ranks per node of the group; raises ParameterError unless every node holds the same number."""
     if ranks_per_node < 1:
-        raise invalid("parallel.ranks_per_node", ranks_per_node, "a positive integer")
+        raise ParameterError("ranks_per_node", ranks_per_node, "a positive integer")
     sizes = sorted({len(s) for s in node_slices(ranks, ranks_per_node)})
     if len(sizes) != 1:
-        raise ConfigError(
-            f"Invalid value for `{field}`: {len(ranks)}. The expert-parallel group of global ranks "
-            f"{sorted(ranks)} covers its nodes unevenly (ranks per node: {sizes}) with "
-            f"parallel.ranks_per_node = {ranks_per_node}; two-hop dispatch needs the same number of EP ranks on "
-            f"every node. Valid: an EP size that divides ranks_per_node, or a multiple of it with groups aligned "
-            f"to node boundaries."
-        )
+        raise ParameterError(
+            "ep", len(ranks),
+            "an EP size that divides ranks_per_node, or a multiple of it with groups aligned to node boundaries",
+            f"The expert-parallel group of global ranks {sorted(ranks)} covers its nodes unevenly (ranks per "
+            f"node: {sizes}) with ranks_per_node = {ranks_per_node}; two-hop dispatch needs the same number of "
+            "EP ranks on every node.")
     return sizes[0]
 
 
@@ -86,9 +84,9 @@ class EPGroup:
 
     def experts_per_rank(self, num_experts: int) -> int:
         if num_experts % self.size:
-            raise invalid("model.n_routed_experts", num_experts,
-                          f"a multiple of the expert-parallel size parallel.ep = {self.size}",
-                          "Experts are sharded in equal blocks over the EP ranks.")
+            raise ParameterError("num_experts", num_experts,
+                                 f"a multiple of the expert-parallel size ep = {self.size}",
+                                 "Experts are sharded in equal blocks over the EP ranks.")
         return num_experts // self.size
 
 
@@ -99,7 +97,7 @@ def new_ep_groups(partition: list[list[int]], ranks_per_node: int) -> EPGroup | 
     me = dist.get_rank()
     sizes = {len(ranks) for ranks in partition}
     if len(sizes) != 1:
-        raise invalid("parallel.ep", sorted(sizes), "expert-parallel groups of one size")
+        raise ParameterError("ep", sorted(sizes), "expert-parallel groups of one size")
     mine = None
     for ranks in partition:
         ranks = sorted(ranks)

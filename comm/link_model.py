@@ -1,4 +1,4 @@
-"""A link model: all-to-alls that take as long as they would on real links (SPEC §3: NVLink inside a node,
+"""A link model: all-to-alls that take as long as they would on real links (arXiv 2412.19437 §3.2: NVLink inside a node,
 InfiniBand across nodes), whatever the local transport does.
 
 Each transfer is charged `latency + bytes / bandwidth` on the links it uses, with separate intra-node and
@@ -30,7 +30,7 @@ GB = 1e9
 @dataclass
 class LinkModel:
     ranks_per_node: int
-    intra_gbps: float = 160.0  # GB/s per rank over NVLink (SPEC §3, §5)
+    intra_gbps: float = 160.0  # GB/s per rank over NVLink (arXiv 2412.19437 §3.2, §5)
     inter_gbps: float = 50.0  # GB/s per rank over InfiniBand
     latency_s: float = 5e-6  # per transfer
     scale: float = 1.0  # multiplies both bandwidths (< 1: slower links)

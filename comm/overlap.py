@@ -1,4 +1,4 @@
-"""Overlapped F&B (SPEC §3.1): the forward chunk of one micro-batch and the backward chunk of another run
+"""Overlapped F&B (arXiv 2412.19437 §3.2.1): the forward chunk of one micro-batch and the backward chunk of another run
 as a pair, so that every all-to-all of one is in flight while the other computes.
 
 A transformer layer falls into sub-steps at its collectives. Forward: attention + router | dispatch |

@@ -3,7 +3,7 @@ a token's hidden state, its routing and its origin together, and FP8 data crosse
 float8 type (gloo).
 
 Dispatch row layout: [x | scales | gates | expert ids | source rank, source token]
-  x       H values in the payload dtype, or H E4M3 bytes when FP8 (SPEC §3.2: dispatch payload is FP8)
+  x       H values in the payload dtype, or H E4M3 bytes when FP8 (arXiv 2412.19437 §3.2.2: dispatch payload is FP8)
   scales  ceil(H/128) FP32 dequantization factors, one per 1x128 tile (FP8 only)
   gates   K FP32 gate values (gating stays FP32)
   ids     K int32 global expert ids

@@ -91,7 +91,7 @@ class Transport:
         handle.wait()
         return out, None
 
-    def exchange_counts(self, group, size: int, send_splits: list[int], device: torch.device | str = "cpu") -> list[int]:
+    def exchange_counts(self, group, size: int, send_splits: list[int], device: torch.device) -> list[int]:
         """Tell every member how many rows it will get from me; learn how many I get from each."""
         if group is None:
             return list(send_splits)

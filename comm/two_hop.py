@@ -1,4 +1,4 @@
-"""The two hops of node-limited dispatch (SPEC §3.2, DeepEP's idea).
+"""The two hops of node-limited dispatch (arXiv 2412.19437 §3.2.2, DeepEP's idea).
 
 Hop 1, over the rail: a token crosses to each node that holds any of its experts ONCE, landing on the
 rank with the sender's own local index there (its rail peer). Hop 2, inside that node: the rail peer

@@ -5,6 +5,7 @@
     executor = PipelineExecutor(schedule, stages, loss_fn)
     result = executor.step(inputs, targets)   # splits the batch, runs F/B/W/BW/F&B, fills .grad
     optimizer.step()
+    losses = executor.step(inputs, targets, forward_only=True).losses   # evaluation: forwards only
 
 A stage is any nn.Module taking one tensor and returning one tensor; the last stage's output goes
 to `loss_fn(output, target)`, whose value is back-propagated as is (divide by the number of
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .actions import FB, Action, Op, Schedule, StageId
+from .actions import FB, Action, Op, Schedule, StageId, actions_of
 from .p2p import Message, StageComm
 from .weight_grad import ChunkBackward, WeightGradStore
 
@@ -72,7 +73,7 @@ class BackwardJob:
         """The same gradients, with the weight gradients computed last (B, then W, unless deferred): only B
         lies on the path to the next transfer (the previous stage, an all-to-all of gradients), so an
         overlapped pair issues its transfers sooner and the weight GEMMs run while they are in flight
-        (SPEC §3.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
+        (arXiv 2412.19437 §3.2.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
         Function computing both gradients at once (our FP8 GEMMs) runs twice."""
         grads = self.backward.inputs_only()
         if self.action.op != Op.B:
@@ -126,7 +127,7 @@ class PipelineExecutor:
             )
         self._forward_backward = forward_backward
         params = [p for m in self.stages.values() for p in m.parameters()]
-        self.device = device or (params[0].device if params else torch.device("cpu"))
+        self.device = device or (params[0].device if params else torch.get_default_device())
         self.comm = StageComm(schedule, self.rank, group, self.device)
         self.weight_grads = WeightGradStore()
 
@@ -148,8 +149,12 @@ class PipelineExecutor:
         return found
 
     # ---------------------------------------------------------------------------------- step
-    def step(self, inputs=None, targets=None) -> StepResult:
-        """Run one training step's forwards and backwards; gradients land in `.grad`."""
+    def step(self, inputs=None, targets=None, *, forward_only: bool = False) -> StepResult:
+        """Run one training step's forwards and backwards; gradients land in `.grad`.
+
+        With `forward_only` (evaluation) only the forwards run (the forward half of an F&B pair too),
+        in the schedule's order, under torch.no_grad(), with the same transfers; nothing is kept for a
+        backward and `.grad` is left as it was. Every rank of the group must pass the same flag."""
         s = self.schedule
         self._inputs = self._split("inputs", inputs, any(sid.stage == 0 for sid in self.stages))
         self._targets = self._split("targets", targets, any(sid.stage == s.num_stages - 1 for sid in self.stages))
@@ -157,9 +162,12 @@ class PipelineExecutor:
         self._local: dict[Message, torch.Tensor] = {}  # transfers between two stages of this rank
         self._losses: list[torch.Tensor | None] = [None] * s.num_microbatches
         self._peak = 0
+        if forward_only:
+            return self._forward_only()
         earlier = self._take_grads() if s.duplicated_stages else {}
-        self.comm.begin_step()
-        for step in s.steps[self.rank]:
+        self.comm.begin_step(self._inputs)
+        for index, step in enumerate(s.steps[self.rank]):
+            self.comm.before(index)  # this step's receives, the last step's sends
             if isinstance(step, FB):
                 self._pair(step)
             elif step.op == Op.F:
@@ -172,7 +180,7 @@ class PipelineExecutor:
                 job = self._backward_job(step)
                 self._finish_backward(job, job.run())
             self.comm.poll()
-        self.comm.flush()
+        self.comm.finish()
         if self._chunks or len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: chunks left after the step: {sorted(self._chunks)}")
         if s.duplicated_stages:
@@ -181,6 +189,19 @@ class PipelineExecutor:
                 p.grad = g + p.grad
         self._inputs = self._targets = None
         return StepResult(self._losses, self._peak)
+
+    def _forward_only(self) -> StepResult:
+        self.comm.begin_step(self._inputs, forward_only=True)
+        forwards = [a for step in self.schedule.steps[self.rank] for a in actions_of(step) if a.op == Op.F]
+        with torch.no_grad():
+            for index, a in enumerate(forwards):  # an F&B pair holds one forward
+                self.comm.before(index)
+                job = self._forward_job(a)
+                self._hand_on(a, job.run())
+                self.comm.poll()
+            self.comm.finish()
+        self._inputs = self._targets = None
+        return StepResult(self._losses, 0)
 
     def _split(self, name: str, batch, needed: bool) -> Sequence[torch.Tensor] | None:
         n = self.schedule.num_microbatches
@@ -212,17 +233,22 @@ class PipelineExecutor:
             msg = Message("act", a.microbatch, a.stage)
             src = s.rank_of(a.stage - 1, a.direction)
             x = self._local.pop(msg) if src == self.rank else self.comm.recv(msg, src)
-            x = x.detach().requires_grad_(x.is_floating_point())
+            x = x.detach().requires_grad_(x.is_floating_point() and torch.is_grad_enabled())
         last = a.stage == s.num_stages - 1
         target = self._targets[a.microbatch] if last else None
         return ForwardJob(a, self.stages[a.stage_id], x, self.loss_fn if last else None, target)
 
     def _finish_forward(self, job: ForwardJob, out: torch.Tensor) -> None:
         """Record what the backward needs, then hand the output on (or keep the loss)."""
-        s, a = self.schedule, job.action
+        a = job.action
         x = job.input if job.input.requires_grad else None
         self._chunks[self._key(a)] = _Chunk(x, get_gradient_edge(out) if out.requires_grad else None)
         self._peak = max(self._peak, len(self._chunks))
+        self._hand_on(a, out)
+
+    def _hand_on(self, a: Action, out: torch.Tensor) -> None:
+        """Send a forward's output to the next stage, or keep it as the micro-batch's loss."""
+        s = self.schedule
         if a.stage == s.num_stages - 1:
             self._losses[a.microbatch] = out.detach()
             return

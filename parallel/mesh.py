@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from moetron.comm.errors import ParameterError
 from moetron.comm.layout import EPGroup, local_size_of, new_ep_groups
 
-from moetron.config.errors import ConfigError, invalid
+RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")  # fastest-varying index first
 
 
 def _divisors(n: int) -> list[int]:
@@ -41,25 +42,24 @@ class MeshLayout:
     order: str = "tp-dp-pp"  # or "tp-pp-dp": rank = (dp_index * pp + pp_index) * tp + tp_index
 
     def __post_init__(self) -> None:
-        if self.order not in ("tp-dp-pp", "tp-pp-dp"):
-            raise invalid("parallel.rank_order", self.order, "tp-dp-pp | tp-pp-dp")
+        if self.order not in RANK_ORDERS:
+            raise ParameterError("order", self.order, " | ".join(RANK_ORDERS))
         for name in ("world_size", "ranks_per_node", "pp", "ep", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                field = name if name == "world_size" else f"parallel.{name}"
-                raise invalid(field, value, "a positive integer")
+                raise ParameterError(name, value, "a positive integer")
         w = self.world_size
         if w % self.ranks_per_node:
-            raise invalid("parallel.ranks_per_node", self.ranks_per_node,
+            raise ParameterError("ranks_per_node", self.ranks_per_node,
                           f"a divisor of the world size {w}: one of {_divisors(w)}",
                           "Every node runs the same number of ranks.")
         if w % (self.pp * self.tp):
-            raise invalid("parallel.pp", self.pp,
+            raise ParameterError("pp", self.pp,
                           f"a value with pp x tp (tp = {self.tp}) dividing the world size {w}; pp in "
                           f"{[d for d in _divisors(w) if (w // d) % self.tp == 0]}",
                           "The data-parallel size is world / (pp x tp).")
         if self.dp % self.ep:
-            raise invalid("parallel.ep", self.ep,
+            raise ParameterError("ep", self.ep,
                           f"a divisor of the data-parallel size dp = world {w} / (pp {self.pp} x tp {self.tp}) "
                           f"= {self.dp}: one of {_divisors(self.dp)}",
                           "Expert parallelism is carved from the data-parallel ranks of a stage.")
@@ -128,8 +128,8 @@ class MeshLayout:
 
     def check_experts(self, num_experts: int) -> None:
         if num_experts % self.ep:
-            raise invalid("parallel.ep", self.ep,
-                          f"a divisor of model.n_routed_experts ({num_experts}) and of dp ({self.dp})",
+            raise ParameterError("ep", self.ep,
+                          f"a divisor of the number of routed experts ({num_experts}) and of dp ({self.dp})",
                           "Experts are sharded in equal blocks over the EP ranks.")
 
 
@@ -148,8 +148,8 @@ class ProcessMesh:
             raise RuntimeError("ProcessMesh needs torch.distributed to be initialized (init_process_group)")
         world = dist.get_world_size()
         if world != layout.world_size:
-            raise ConfigError(f"Invalid value for `world_size`: {layout.world_size}. The process group has "
-                              f"{world} ranks. Valid: {world}.")
+            raise ParameterError("world_size", layout.world_size, str(world),
+                                 f"The process group has {world} ranks.")
         self.layout = layout
         self.rank = dist.get_rank() if rank is None else rank
         self.coords = layout.coords(self.rank)

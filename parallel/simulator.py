@@ -1,7 +1,7 @@
 """Runs a schedule's action lists against per-action costs and reports time, bubble and memory.
 
 Every rank executes its steps in order; a step starts when its rank is free and everything it
-needs is done (plus `p2p` latency when the producer is another rank). Costs follow SPEC 3.1's
+needs is done (plus `p2p` latency when the producer is another rank). Costs follow arXiv 2412.19437 §3.2.1's
 table: `b` is the FULL backward of a chunk, so a split B costs `b - w` and its W costs `w`; an
 overlapped F&B pair costs `fb` (default `f + b`, i.e. no overlap).
 """

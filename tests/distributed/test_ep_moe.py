@@ -1,11 +1,10 @@
 """The MoE layer with expert parallelism equals the single-process MoE (4 gloo processes, 2 nodes x 2).
 
-Every rank runs the reference `MoE` on the concatenated batch of all ranks and its `ExpertParallelMoE`
+Every rank runs the reference `MoE` on the concatenated batch of all ranks and its expert-parallel copy (`shard_experts`)
 on its own slice. Outputs, input gradients, router / shared-expert gradients (summed over the ranks that
-see different tokens) and its own experts' gradients match within 1e-6 in FP32. Outputs are bitwise equal
-when every token's experts live on one rank (groups = EP ranks, M = 1): the same sums in the same order.
-(Each expert sees its rows in the reference order, but the grouped GEMM's blocking depends on the total
-rows, so expert-weight gradients are not asserted bitwise.) Also: the balance loss, node-limited routing
+see different tokens) and its own experts' gradients match within 1e-6 in FP32. (Nothing is asserted
+bitwise: each expert's GEMM sees other row counts than in the single-process layer, and CPU GEMM kernels
+block by the row count, so the last bits may differ on some machines.) Also: the balance loss, node-limited routing
 (the rows that cross nodes are one per (token, remote node reached), at most M nodes per token, checked
 against the inter-node byte counter), a rank with zero tokens, uneven batches, FP8 dispatch, the bias
 update from loads all-reduced over the data-parallel group, and a ProcessMesh with EP inside DP (EP 2
@@ -25,7 +24,7 @@ from moetron.parallel.mesh import MeshLayout, ProcessMesh
 
 from moetron.fp8.quant import dequantize_1x128, quantize_1x128
 from moetron.model.moe import MoE, run_experts
-from moetron.model.moe_ep import ExpertParallelMoE, apply_expert_parallel
+from moetron.model.moe_ep import ExpertParallelRunner, apply_expert_parallel, shard_experts
 
 SEQ = 3
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -51,8 +50,7 @@ def sum_over(tensor: torch.Tensor | None, like: torch.Tensor, group=None) -> tor
     return t
 
 
-def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None, fp8=False, name="",
-                bitwise=False):
+def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None, fp8=False, name=""):
     """dp_group: every rank that sees different tokens (None: the world). edp_group: the replicas of this
     rank's expert block (None: no replicas)."""
     rank = dist.get_rank()
@@ -61,7 +59,7 @@ def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None,
     where = f"{name} {mode} rank {rank}"
     ref = build_moe(cfg, seed).train()
     stats = CommStats()
-    layer = ExpertParallelMoE(copy.deepcopy(ref), ep, mode, fp8_dispatch=fp8, stats=stats).train()
+    layer = shard_experts(copy.deepcopy(ref), ep, mode, fp8_dispatch=fp8, stats=stats).train()
     equal_batches = len(set(batch_sizes)) == 1
     if ref.alpha > 0:  # each rank's balance loss is a mean over its own sequences: DP averaging
         assert equal_batches
@@ -85,8 +83,6 @@ def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None,
         assert torch.isfinite(h.grad).all() and torch.allclose(h.grad, h_ref.grad[lo:hi], rtol=0.1, atol=0.1)
         return
     assert torch.allclose(out, out_ref[lo:hi], **TIGHT), f"{where}: output differs by {(out - out_ref[lo:hi]).abs().max()}"
-    if bitwise:  # every token's experts on one rank: the same sums in the same order
-        assert torch.equal(out, out_ref[lo:hi]), f"{where}: output not bitwise equal"
     assert torch.allclose(h.grad, h_ref.grad[lo:hi], **TIGHT), f"{where}: input gradient differs"
     for name_, p_ref in ref.named_parameters():
         if name_.startswith("experts."):
@@ -94,7 +90,7 @@ def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None,
         got = sum_over(dict(layer.named_parameters())[name_].grad, p_ref, dp_group)
         assert torch.allclose(got, p_ref.grad, rtol=1e-5, atol=1e-6), (
             f"{where}: {name_} gradient differs by {(got - p_ref.grad).abs().max()}")
-    block = slice(layer.expert_offset, layer.expert_offset + layer.experts_per_rank)
+    block = slice(layer.expert_offset, layer.expert_offset + layer.experts.gate_up_proj.shape[0])
     for pname in ("gate_up_proj", "down_proj"):
         got = getattr(layer.experts, pname).grad
         if edp_group is not None:
@@ -103,7 +99,7 @@ def check_layer(ep, cfg, mode, batch_sizes, seed, dp_group=None, edp_group=None,
         assert torch.allclose(got, want, **TIGHT), f"{where}: experts.{pname} gradient differs"
 
     # Loads over every rank that sees different tokens = the reference's load; same bias update.
-    load = layer.global_load(dp_group)
+    load = sum_over(layer.tokens_per_expert, layer.tokens_per_expert, dp_group)
     assert torch.equal(load, ref.tokens_per_expert), f"{where}: load {load} != {ref.tokens_per_expert}"
     ref.update_bias(ref.tokens_per_expert, 0.001)
     layer.update_bias(load, 0.001)
@@ -134,7 +130,7 @@ def run_world(ep):
     check_layer(ep, two_groups, "two_hop", [2, 2, 2, 2], seed=5, fp8=True, name="fp8")
     one_rank = small_model_config(n_group=4, topk_group=1, num_experts_per_tok=2, aux_loss_alpha=0.0)  # groups = ranks
     for mode in ("flat", "two_hop"):
-        check_layer(ep, one_rank, mode, [2, 1, 3, 2], seed=7, name="one rank per token", bitwise=True)
+        check_layer(ep, one_rank, mode, [2, 1, 3, 2], seed=7, name="one rank per token")
 
 
 def run_mesh(_ep):
@@ -147,7 +143,7 @@ def run_mesh(_ep):
     # apply_expert_parallel swaps every MoE of a model for its EP version
     model = torch.nn.Sequential(build_moe(cfg))
     apply_expert_parallel(model, mesh.ep)
-    assert isinstance(model[0], ExpertParallelMoE) and model[0].experts.gate_up_proj.shape[0] == 4
+    assert isinstance(model[0].expert_runner, ExpertParallelRunner) and model[0].experts.gate_up_proj.shape[0] == 4
 
 
 def run_jobs(rank: int, world: int, jobs: list[str]) -> None:

@@ -21,11 +21,11 @@ from test_overlap import Stage, run_pair
 from torch import nn
 
 from moetron.fp8 import grouped, linear
-from moetron.fp8.convert import convert_to_fp8
 from moetron.fp8.gemm import fp8_gemm
 from moetron.fp8.grouped import FP8GroupedExperts
 from moetron.model.block import Block
 from moetron.model.moe_ep import apply_expert_parallel
+from moetron.train.parallelize import apply_fp8
 
 
 class WgradCounter:
@@ -48,7 +48,7 @@ class FP8Stage(Stage):
         for p in self.parameters():
             nn.init.normal_(p, std=0.1)
         apply_expert_parallel(self, ep, "two_hop", fp8_dispatch=True, transport=transport)
-        convert_to_fp8(self)
+        apply_fp8(self)
 
 
 def run_checks(rank: int, world: int) -> None:

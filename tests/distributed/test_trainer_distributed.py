@@ -53,10 +53,8 @@ def make_config(corpus, run_dir, steps: int, parallel: ParallelConfig | None = N
 
 
 def _train(rank: int, world: int, config: MoetronConfig) -> None:
-    from moetron.train.distributed import DistributedTrainer
-
     warnings.simplefilter("ignore")
-    DistributedTrainer(config).fit()
+    Trainer(config).fit()
 
 
 def metrics(run_dir) -> list[dict]:

@@ -33,22 +33,21 @@ def _check_fp8_and_train(rank: int, world: int, config) -> None:
     from moetron.fp8.grouped import FP8GroupedExperts
     from moetron.fp8.linear import FP8Linear
     from moetron.model.moe import GroupedExperts, Router
-    from moetron.model.moe_ep import ExpertParallelMoE
+    from moetron.model.moe_ep import ExpertParallelRunner
     from moetron.model.norm import RMSNorm
-    from moetron.train.distributed import DistributedTrainer
 
     warnings.simplefilter("ignore")
-    trainer = DistributedTrainer(config)
+    trainer = Trainer(config)
     model, ep = trainer.model, config.parallel.ep
     optimized = {id(p) for g in trainer.shard_groups for _, p in g.params}
     moe_layers = model.moe_layers()
     assert moe_layers, "no MoE layer on this rank"
     for moe in moe_layers:
-        assert isinstance(moe, ExpertParallelMoE)
+        assert isinstance(moe.expert_runner, ExpertParallelRunner)
         assert type(moe.experts) is FP8GroupedExperts, type(moe.experts)
         assert moe.experts.gate_up_proj.shape[0] == config.model.n_routed_experts // ep  # this rank's block
         assert {id(p) for p in moe.experts.parameters()} <= optimized
-        assert moe.dispatcher.fp8
+        assert moe.expert_runner.dispatcher.fp8
         assert type(moe.gate) is Router
     linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert any(name.endswith("shared_experts.down_proj") for name in linears)

@@ -55,21 +55,22 @@ def test_nan_loss_skips_the_update_and_leaves_weights_unchanged(corpus, tmp_path
     trainer.train_step()
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    moments = {k: v["exp_avg"].clone() for k, v in trainer.optimizer.state_dict()["state"].items()}
+    moments = {k: trainer.optimizer.state_of(k)["exp_avg"].clone() for k in trainer.optimizer.owned}
+    assert moments and all(m.abs().sum() > 0 for m in moments.values())  # two applied steps moved them
     tokens = trainer.state.tokens
     record = trainer.train_step()
     assert record["action"] == "skip"
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[key]), key  # including the balancing biases
-    for key, value in trainer.optimizer.state_dict()["state"].items():
-        assert torch.equal(value["exp_avg"], moments[key])
+    for key in trainer.optimizer.owned:
+        assert torch.equal(trainer.optimizer.state_of(key)["exp_avg"], moments[key]), key
     assert trainer.state.tokens == tokens and trainer.state.step == 3
     assert [e["event"] for e in events(tmp_path / "run")][-1] == "nonfinite"
     assert trainer.train_step()["action"] == "apply"
 
 
 def test_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = [*data, "train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=5",
               "train.steps=40", "monitor.wandb=false", "monitor.report=false"]
     straight = run_cli(f"run.dir={tmp_path / 'a'}", *common, cwd=tmp_path)
@@ -97,7 +98,7 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(corpus, tmp_pa
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = [*data, "train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=4",
               "train.steps=12", "monitor.wandb=false", "monitor.report=false"]
     crash = "monitor.faults=[{step:8,kind:crash_in_checkpoint}]"

@@ -12,7 +12,7 @@ from test_trainer import run_cli
 
 
 def test_sigusr1_checkpoints_and_the_rerun_resumes_exactly(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = [*data, "train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=100",
               "train.steps=60", "monitor.wandb=false", "monitor.report=false"]
     straight = run_cli(f"run.dir={tmp_path / 'a'}", *common, cwd=tmp_path)

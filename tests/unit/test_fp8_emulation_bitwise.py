@@ -13,9 +13,9 @@ import torch
 from helpers import small_model_config
 
 from moetron.fp8 import grouped, linear, quant
-from moetron.fp8.convert import convert_to_fp8
 from moetron.fp8.gemm import fp8_gemm
 from moetron.model import DeepSeekV3
+from moetron.train.parallelize import apply_fp8
 
 QUANTIZERS = ("quantize_1x128", "quantize_128x128", "quantize_128x1")
 
@@ -130,7 +130,7 @@ def one_thread():
 def test_small_model_step_is_bitwise_unchanged(one_thread, reference_emulation):
     cfg = small_model_config(hidden_size=160, intermediate_size=192, moe_intermediate_size=48)
     torch.manual_seed(0)
-    model = convert_to_fp8(DeepSeekV3(cfg))
+    model = apply_fp8(DeepSeekV3(cfg))
     tokens = torch.randint(0, cfg.vocab_size, (2, 65))
 
     def step():

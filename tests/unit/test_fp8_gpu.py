@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from moetron.config import ModelConfig
 from moetron.fp8 import backends
-from moetron.fp8.convert import convert_to_fp8
 from moetron.fp8.gemm import calc_diff, fp8_gemm
 from moetron.fp8.grouped import fp8_swiglu_experts
 from moetron.fp8.linear import FP8Linear
 from moetron.fp8.quant import quantize_1x128, quantize_128x128
 from moetron.model import DeepSeekV3
+from moetron.train.parallelize import apply_fp8 as convert_to_fp8
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

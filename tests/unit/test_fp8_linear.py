@@ -1,4 +1,4 @@
-"""FP8 Linear, grouped experts, backends and convert_to_fp8 (SPEC §4): Fprop/Dgrad/Wgrad against FP32 and
+"""FP8 Linear, grouped experts, backends and convert_to_fp8 (arXiv 2412.19437 §3.3): Fprop/Dgrad/Wgrad against FP32 and
 BF16 autograd, exact autograd wiring, FP8-only saved activations, and a tiny DeepSeekV3 that trains."""
 
 import copy
@@ -10,13 +10,13 @@ from torch import nn
 
 from moetron.config import ConfigError, ModelConfig
 from moetron.fp8 import backends, quant
-from moetron.fp8.convert import convert_to_fp8
 from moetron.fp8.gemm import calc_diff, fp8_gemm
 from moetron.fp8.grouped import FP8GroupedExperts, fp8_grouped_linear, fp8_swiglu_experts
 from moetron.fp8.linear import FP8Linear, fp8_linear
 from moetron.model import DeepSeekV3
 from moetron.model.grouped_gemm import grouped_linear
 from moetron.model.moe import GroupedExperts
+from moetron.train.parallelize import apply_fp8 as convert_to_fp8
 
 
 def cosine(a, b):

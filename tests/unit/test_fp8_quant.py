@@ -1,4 +1,4 @@
-"""FP8 quantizers and the emulated fine-grained GEMM (SPEC §4): round-trip bounds, saturation, padding,
+"""FP8 quantizers and the emulated fine-grained GEMM (arXiv 2412.19437 §3.3): round-trip bounds, saturation, padding,
 power-of-two scales, grouped 128x1 tiles, the uint8 wire view, GEMM accuracy and exactness, outliers."""
 
 import ast

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from moetron.checkpoint import CheckpointStore  # noqa: E402
+from moetron.checkpoint.state import model_entries  # noqa: E402
 from moetron.config import ConfigError, MoetronConfig  # noqa: E402
 from moetron.config.hydra import to_yaml  # noqa: E402
 from moetron.hf import export_checkpoint, import_checkpoint, model_config  # noqa: E402
@@ -69,23 +70,23 @@ def tokens(seed: int = 0) -> torch.Tensor:
 
 
 def load_ours(run_dir) -> DeepSeekV3:
-    """Through the trainer's own resume path: CheckpointStore.load_latest with an optimizer."""
+    """Through the trainer's own resume path: CheckpointStore.load_latest into the model's checkpoint keys."""
     config = load_run_config(run_dir / "config.yaml")
     model = DeepSeekV3(config.model)
-    loaded = CheckpointStore(run_dir / "checkpoints").load_latest(model, torch.optim.AdamW(model.parameters()))
+    loaded = CheckpointStore(run_dir / "checkpoints").load_latest(model_entries(model))
     assert loaded is not None and loaded.train_state["step"] == 0
     return model.eval()
 
 
 def make_run(tmp_path, cfg, seed: int = 1, step: int = 5):
-    """A moetron run dir with a random model (MTP and biases included) and a full checkpoint (optimizer too)."""
+    """A moetron run dir with a random model (MTP and biases included) and a checkpoint of it."""
     model = DeepSeekV3(cfg)
     randomize(model.named_parameters(), model.named_buffers(), seed)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(MoetronConfig(model=cfg)))
-    optimizer = torch.optim.AdamW(model.parameters())
-    CheckpointStore(run / "checkpoints").save(step, model, optimizer, {"step": step, "tokens": 0, "sequences": 0})
+    CheckpointStore(run / "checkpoints").save(step, model_entries(model),
+                                              {"step": step, "tokens": 0, "sequences": 0, "has_optimizer": False})
     return model.eval(), run
 
 
@@ -145,7 +146,7 @@ def test_moetron_to_hf_logits_and_mtp_roundtrip(tmp_path, case):
 
 def test_mtp_layer_matches_transformers_mtp_model(tmp_path):
     """The exported MTP layer (eh_proj column order, shared_head.norm) computes what transformers' MtpLayer computes,
-    given the same previous hidden state (moetron feeds the main model's pre-final-norm state, SPEC §1.4)."""
+    given the same previous hidden state (moetron feeds the main model's pre-final-norm state, arXiv 2412.19437 §2.2)."""
     mtp_mod = pytest.importorskip("transformers.modeling_layers")
     if not hasattr(mtp_mod, "MtpModel"):
         pytest.skip("this transformers has no MtpModel")
@@ -381,7 +382,7 @@ def test_imported_run_resumes_in_the_trainer(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 4}) + "\n"
                               for i in range(40)))
-    overrides = [f"data.train_files=[{corpus}]", f"data.val_files=[{corpus}]", "train.seq_len=32",
+    overrides = [f"data.train_files=[{corpus}]", f"data.val_files=[{corpus}]", "data.tokenizer=null", "train.seq_len=32",
                  "train.micro_batch_size=2", "train.global_batch_size=2", "train.batch_ramp_start=2"]
     dst = tmp_path / "run"
     report = import_checkpoint(tmp_path / "hf", dst, overrides=overrides, name="from_hf")

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from moetron.comm.errors import ParameterError
 from moetron.comm.layout import EPGroup, local_size_of, node_slices
 from moetron.parallel.mesh import KINDS, MeshLayout
 
 from moetron.config.errors import ConfigError
+from moetron.train.trainer import config_fields
 
 
 def partitions_world(groups, world):
@@ -40,7 +42,7 @@ def test_groups_partition_the_world(world, rpn, pp, ep, tp):
 
 
 def test_v3_production_layout():
-    """SPEC §3: 2048 ranks, 8 per node, PP 16, EP 64 over 8 nodes, DP (ZeRO-1) over the rest."""
+    """arXiv 2412.19437 §3.2: 2048 ranks, 8 per node, PP 16, EP 64 over 8 nodes, DP (ZeRO-1) over the rest."""
     lay = MeshLayout(2048, 8, pp=16, ep=64)
     assert (lay.dp, lay.edp, lay.num_nodes) == (128, 2, 256)
     ep = lay.group_of("ep", 5)
@@ -53,22 +55,27 @@ def test_ep_group_view():
     assert (g.size, g.num_nodes, g.node, g.local) == (8, 4, 2, 1)
     assert g.rail_ranks() == [1, 3, 5, 7] and g.intra_ranks() == [4, 5]
     assert g.experts_per_rank(16) == 2
-    with pytest.raises(ConfigError, match="n_routed_experts"):
+    with pytest.raises(ParameterError, match="num_experts"):
         g.experts_per_rank(12)
 
 
-@pytest.mark.parametrize("kwargs,field,hint", [
-    (dict(world_size=6, ranks_per_node=4), "parallel.ranks_per_node", "divisor of the world size 6"),
-    (dict(world_size=8, ranks_per_node=2, pp=3), "parallel.pp", "dividing the world size 8"),
-    (dict(world_size=8, ranks_per_node=2, pp=2, ep=3), "parallel.ep", "dp = world 8"),
-    (dict(world_size=12, ranks_per_node=4, ep=6), "parallel.ep", "unevenly"),
-    (dict(world_size=8, ranks_per_node=2, ep=0), "parallel.ep", "positive integer"),
-    (dict(world_size=8, ranks_per_node=2, tp=16), "parallel.pp", "pp x tp"),
+@pytest.mark.parametrize("kwargs,param,field,hint", [
+    (dict(world_size=6, ranks_per_node=4), "ranks_per_node", "parallel.ranks_per_node", "divisor of the world size 6"),
+    (dict(world_size=8, ranks_per_node=2, pp=3), "pp", "parallel.pp", "dividing the world size 8"),
+    (dict(world_size=8, ranks_per_node=2, pp=2, ep=3), "ep", "parallel.ep", "dp = world 8"),
+    (dict(world_size=12, ranks_per_node=4, ep=6), "ep", "parallel.ep", "unevenly"),
+    (dict(world_size=8, ranks_per_node=2, ep=0), "ep", "parallel.ep", "positive integer"),
+    (dict(world_size=8, ranks_per_node=2, tp=16), "pp", "parallel.pp", "pp x tp"),
+    (dict(world_size=8, ranks_per_node=2, order="dp-tp"), "order", "parallel.rank_order", "tp-dp-pp"),
 ])
-def test_invalid_layouts_name_the_field(kwargs, field, hint):
-    with pytest.raises(ConfigError) as err:
+def test_invalid_layouts_name_the_parameter_and_the_trainer_the_field(kwargs, param, field, hint):
+    """The library names its own parameter; the trainer's config_fields() shows the config field."""
+    with pytest.raises(ParameterError) as err:
         MeshLayout(**kwargs)
-    message = str(err.value)
+    assert err.value.param == param and f"`{param}`" in str(err.value) and hint in str(err.value)
+    with pytest.raises(ConfigError) as shown, config_fields():
+        MeshLayout(**kwargs)
+    message = str(shown.value)
     assert f"`{field}`" in message and hint in message and "Valid" in message, message
     assert "\n" not in message
 
@@ -76,7 +83,7 @@ def test_invalid_layouts_name_the_field(kwargs, field, hint):
 def test_experts_must_divide_by_ep():
     lay = MeshLayout(8, 2, ep=4)
     lay.check_experts(16)
-    with pytest.raises(ConfigError, match="parallel.ep"):
+    with pytest.raises(ParameterError, match="`ep`"):
         lay.check_experts(10)
 
 

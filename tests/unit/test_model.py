@@ -1,4 +1,4 @@
-"""The whole model: causality, MTP (SPEC §1.4), MLA shapes, YaRN scale, and analytic parameter counts."""
+"""The whole model: causality, MTP (arXiv 2412.19437 §2.2), MLA shapes, YaRN scale, and analytic parameter counts."""
 
 import math
 from pathlib import Path

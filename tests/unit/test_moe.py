@@ -1,4 +1,4 @@
-"""DeepSeekMoE against explicit per-token references of SPEC §1.3."""
+"""DeepSeekMoE against explicit per-token references of arXiv 2412.19437 §2.1.2."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The SPEC §2 schedules and the FP32-master / BF16-moment AdamW."""
+"""The arXiv 2412.19437 §4.2 schedules and the FP32-master / BF16-moment AdamW."""
 
 import math
 

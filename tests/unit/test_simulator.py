@@ -1,4 +1,4 @@
-"""The simulator against SPEC 3.1's bubble table, its memory column, and the CLI.
+"""The simulator against arXiv 2412.19437 §3.2.1's bubble table, its memory column, and the CLI.
 
 Bubble = step time minus a rank's busy time. Costs follow the table: B is the full backward
 (a split B costs B - W), F&B the overlapped pair.

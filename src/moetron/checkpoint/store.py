@@ -1,22 +1,41 @@
-"""A directory of step_NNNNNNNN checkpoints: save, find the newest complete one, load it, prune old ones."""
+"""A directory of step_NNNNNNNN checkpoints in the one format of every layout: save, find the newest complete
+one, load it, prune old ones.
+
+A checkpoint is a flat mapping key -> tensor, written with torch.distributed.checkpoint (DCP) by every rank
+(replicated keys once), plus `train_state.json` (the trainer's counters and the layout that wrote it).
+Keys are independent of the layout (checkpoint/state.py): the full model's parameter names, one tensor per
+global routed expert, optimizer state per parameter. So any layout reads any checkpoint: it asks for the
+keys of what it holds. Saving is collective over the ranks (`barrier`), rank 0 does the file-system steps:
+write under a temporary name, add `manifest.json` (size and SHA-256 of every file), then rename (a crash
+never leaves a half checkpoint), keep the newest `keep`. Loading checks the manifest first (rank 0, verdict
+shared): a checkpoint with a flipped, truncated or missing file is named and moved aside as
+`step_N.corrupt`, so it is never loaded, never chosen by a rollback and not counted among the kept ones.
+DCP's `.metadata` is read without general unpickling (checkpoint/metadata.py).
+"""
+
+from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from moetron.checkpoint.manifest import verify_manifest, write_manifest
+from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
 from moetron.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+MODEL_PREFIX = "model."  # keys of the model's tensors; a model-only checkpoint (an HF import) holds only these
 
 
 @dataclass
@@ -26,10 +45,18 @@ class LoadedCheckpoint:
     skipped: list[str]  # newer checkpoints that could not be read, with the reason
 
 
+def _no_barrier() -> None:
+    """One process: nothing to wait for."""
+
+
 class CheckpointStore:
-    def __init__(self, root: str | Path, keep: int = 3):
+    def __init__(self, root: str | Path, keep: int = 3, rank: int = 0, barrier: Callable[[], None] = _no_barrier,
+                 process_group=None):
+        """rank / barrier / process_group: this process's rank, a barrier over every rank, and the (CPU)
+        group DCP plans over; the defaults are those of a single process."""
         self.root = Path(root)
         self.keep = keep
+        self.rank, self.barrier, self.process_group = rank, barrier, process_group
 
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -41,34 +68,42 @@ class CheckpointStore:
         found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: p.name)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             train_state: dict, before_publish=None) -> Path:
-        """Publish a checkpoint of the model (and the optimizer, unless None: e.g. an imported model).
+    # ---- save -----------------------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, torch.Tensor], train_state: dict, before_publish=None) -> Path:
+        """Publish `state` (this rank's keys; every rank calls it) with `train_state` (rank 0 writes it).
         `before_publish` runs when everything is written but not yet renamed (fault drills use it)."""
         final = self.path(step)
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer or [])
-        state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended here
+        tmp = self.root / f".{final.name}.tmp-save"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        owned = {key: value.detach().clone() for key, value in state.items()}  # views of stacks: own storage
+        with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save(state, checkpoint_id=str(tmp))
-        with open(tmp / TRAIN_STATE, "w") as f:
-            json.dump({**train_state, "has_optimizer": optimizer is not None}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+            dcp.save(owned, checkpoint_id=str(tmp), process_group=self.process_group)
+        if self.rank == 0:  # every rank's shards are written once dcp.save returns: seal them
+            with open(tmp / TRAIN_STATE, "w") as f:
+                json.dump(train_state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            write_manifest(tmp)
         if before_publish is not None:
             before_publish()
-        if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the atomic publish
-        self._prune()
+        self.barrier()
+        if self.rank == 0:
+            if final.exists():  # re-saving the same step (e.g. after a rollback): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the atomic publish
+            self._prune()
+        self.barrier()
         return final
 
     def remove_stale(self) -> list[Path]:
-        """Delete the temporary directories of saves that were interrupted (never published)."""
-        stale = list(self.root.glob(".step_*.tmp-*")) if self.root.is_dir() else []
+        """Delete the temporary directories of saves that were interrupted (never published): rank 0."""
+        if self.rank != 0 or not self.root.is_dir():
+            return []
+        stale = list(self.root.glob(".step_*.tmp-*"))
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return stale
@@ -77,12 +112,15 @@ class CheckpointStore:
         for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint | None:
-        """Load the newest checkpoint that reads back; fall back past corrupt ones (reported in `skipped`)."""
+    # ---- load -----------------------------------------------------------------------------------------
+    def load_latest(self, state: dict[str, torch.Tensor]) -> LoadedCheckpoint | None:
+        """Load the newest checkpoint that reads back into `state`; fall back past damaged ones (moved aside)
+        and unreadable ones (both reported in `skipped`)."""
+        self.barrier()  # rank 0 may just have removed stale temporaries
         skipped = []
         for path in reversed(self.complete()):
             try:
-                train_state = self.load(path, model, optimizer)
+                train_state = self.load(path, state)
             except ConfigError as err:
                 skipped.append(str(err))
                 continue
@@ -94,27 +132,49 @@ class CheckpointStore:
             )
         return None
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def load(self, path: Path, state: dict[str, torch.Tensor]) -> dict:
+        """Copy the checkpoint's values into the tensors of `state` (key -> destination); a model-only
+        checkpoint fills only the model's keys and leaves the rest (the optimizer's) as they are."""
+        self._check_integrity(path)
         train_state = read_train_state(path)
-        verify_shards(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if not train_state.get("has_optimizer", True):  # a model-only checkpoint (e.g. imported weights)
-            state = {"model": model_sd}
-        load_dcp(state, path)
-        if "optim" in state:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        else:
-            model.load_state_dict(state["model"])
+        if not train_state.get("has_optimizer", True):
+            state = {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+        loaded = {key: torch.empty_like(value) for key, value in state.items()}
+        load_dcp(loaded, path, self.process_group)
+        with torch.no_grad():
+            for key, target in state.items():
+                target.copy_(loaded[key])
         return train_state
+
+    def _check_integrity(self, path: Path) -> None:
+        """Rank 0 checks the manifest and the shards and shares the verdict; a damaged checkpoint is moved
+        aside as step_N.corrupt and raises ConfigError naming the file."""
+        reason = None
+        if self.rank == 0:
+            try:
+                read_train_state(path)
+                verify_manifest(path)
+                verify_shards(path)
+            except ConfigError as err:
+                reason = str(err)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [reason]
+            dist.broadcast_object_list(verdict, src=0, group=self.process_group)
+            reason = verdict[0]
+        if reason is None:
+            return
+        aside = path.with_name(path.name + ".corrupt")
+        if self.rank == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        self.barrier()
+        raise ConfigError(f"{reason} The checkpoint was moved aside to {aside}.")
+
 
 def verify_shards(path: Path) -> None:
     """Check that every byte range DCP's metadata points at exists, so a truncated or missing shard is
     reported by file name before anything is loaded."""
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as err:
-        raise ConfigError(f"Checkpoint file {path / '.metadata'} is missing or corrupt ({type(err).__name__}).") from err
+    metadata = read_dcp_metadata(path)  # no general unpickling; a ConfigError naming the file
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -135,12 +195,12 @@ def read_train_state(path: Path) -> dict:
         raise ConfigError(f"Checkpoint file {state_file} is missing or corrupt ({err}).") from err
 
 
-def load_dcp(state: dict, path: Path) -> None:
+def load_dcp(state: dict, path: Path, process_group=None) -> None:
     """dcp.load into `state` in place; a truncated or unreadable checkpoint becomes a ConfigError."""
     try:
         with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
     except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
         raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err

@@ -1,4 +1,4 @@
-"""Typed configuration of FP8 training (SPEC §4)."""
+"""Typed configuration of FP8 training (arXiv 2412.19437 §3.3)."""
 
 from dataclasses import dataclass
 

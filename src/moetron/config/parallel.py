@@ -1,11 +1,9 @@
-"""Typed configuration of the parallel layout (SPEC §3): PP x DP x TP ranks, EP carved from DP."""
+"""Typed configuration of the parallel layout (arXiv 2412.19437 §3.2): PP x DP x TP ranks, EP carved from DP."""
 
 from dataclasses import dataclass
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
-
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")  # fastest-varying index first
 
 
 @dataclass
@@ -19,11 +17,11 @@ class ParallelConfig:
     ep_dispatch: str = "two_hop"  # two_hop (across nodes once per node, then inside the node) | flat
     overlap: bool = True  # overlap all-to-all with computation in F&B pairs (when moetron.comm.overlap is there)
     # tp-dp-pp: a stage's DP (and EP) ranks are neighbours, i.e. on one node when they fit (Megatron's order);
-    # tp-pp-dp: the pipeline ranks are neighbours, so DP/EP groups span the nodes (the SPEC §3 layout:
+    # tp-pp-dp: the pipeline ranks are neighbours, so DP/EP groups span the nodes (the arXiv 2412.19437 §3.2 layout:
     # EP across nodes, e.g. 4 ranks = 2 nodes x 2 with DualPipe pp=2 and EP 2 over both nodes).
     rank_order: str = "tp-dp-pp"
     zero1: bool = True  # shard the AdamW state (moments) over the data-parallel replicas (ZeRO stage 1)
-    # Memory savings of SPEC §3 (distributed trainer):
+    # Memory savings of arXiv 2412.19437 §3.2 (distributed trainer):
     recompute: bool = False  # recompute every RMSNorm and the MLA up-projections in backward
     ema: bool = False  # keep an exponential moving average of the weights in CPU memory (saved in checkpoints)
     ema_decay: float = 0.999
@@ -37,14 +35,21 @@ class ParallelConfig:
 
 
 def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> None:
+    # The lists of valid values live with the code that implements them (imported here, late, because
+    # moetron.parallel and moetron.comm import torch.distributed and the FP8 wire format).
+    from moetron.comm.dispatch import MODES
+    from moetron.parallel.mesh import RANK_ORDERS
+    from moetron.parallel.schedules import SCHEDULES
+
+    require_finite(parallel, prefix)
     for name in ("pp", "dp", "ep", "tp"):
-        if getattr(parallel, name) < 1:
+        if not getattr(parallel, name) >= 1:
             raise invalid(f"{prefix}.{name}", getattr(parallel, name), "a positive integer")
-    if parallel.ep_dispatch not in ("two_hop", "flat"):
-        raise invalid(f"{prefix}.ep_dispatch", parallel.ep_dispatch, "'two_hop' or 'flat'")
-    if parallel.link_model_scale < 0:
+    if parallel.ep_dispatch not in MODES:
+        raise invalid(f"{prefix}.ep_dispatch", parallel.ep_dispatch, " | ".join(MODES))
+    if not parallel.link_model_scale >= 0:
         raise invalid(f"{prefix}.link_model_scale", parallel.link_model_scale, "0 (off) or a positive factor")
-    if parallel.ranks_per_node < 0:
+    if not parallel.ranks_per_node >= 0:
         raise invalid(f"{prefix}.ranks_per_node", parallel.ranks_per_node, "0 (from the launcher) or a positive integer")
     if parallel.dp % parallel.ep:
         raise invalid(f"{prefix}.ep", parallel.ep, f"a divisor of parallel.dp ({parallel.dp})",

@@ -1,6 +1,7 @@
-"""FP8 mixed precision with fine-grained scaling (SPEC §4): the E4M3 quantizers (quant.py, a leaf
+"""FP8 mixed precision with fine-grained scaling (arXiv 2412.19437 §3.3): the E4M3 quantizers (quant.py, a leaf
 module the expert-parallel library also uses), the emulated FP8 GEMM, FP8 Linear / grouped-expert
-modules, the backends (emulated, torch, te) and convert_to_fp8.
+modules and the backends (emulated, torch, te). Which of the model's GEMMs run in FP8 is decided outside this
+package (moetron.train.parallelize.apply_fp8), so fp8/ never imports the model.
 
 Importing this package loads only the quantizers; everything else loads on first use, so importing
 moetron.fp8.quant never pulls in the model (ARCHITECTURE.md: comm may use the quantizers, not the model).
@@ -36,7 +37,6 @@ _LAZY = {
     "check_backend": "moetron.fp8.backends",
     "apex_fused_adam": "moetron.fp8.backends",
     "apex_fused_rms_norm": "moetron.fp8.backends",
-    "convert_to_fp8": "moetron.fp8.convert",
 }
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config.errors import ConfigError, invalid
+from moetron.device import is_gpu
 from moetron.fp8.gemm import fp8_gemm, row_scales
 from moetron.fp8.quant import TILE, dequantize_1x128, fp8_to_uint8, to_fp8, uint8_to_fp8
 
@@ -35,7 +36,7 @@ def check_backend(backend: str) -> None:
             raise invalid("fp8.backend", backend, VALID,
                           "The 'torch' backend runs torch's FP8 CUDA kernels and no CUDA GPU is visible here."
                           " Use 'emulated' on CPU.")
-        _check_torch_gpu(torch.device("cuda"))
+        _check_torch_gpu(torch.device(torch.cuda.current_device()))  # an index: this process's GPU
     elif backend == "te":
         import_te()
 
@@ -44,7 +45,7 @@ def check_kernel_backend(backend: str) -> None:
     """For moetron's own FP8 modules, which take their GEMM kernel from `emulated` or `torch`."""
     if backend == "te":
         raise invalid("fp8.backend", backend, "'emulated' or 'torch' for moetron's FP8 modules",
-                      "The 'te' backend uses Transformer Engine's modules, which convert_to_fp8 builds.")
+                      "The 'te' backend uses Transformer Engine's modules, which moetron.train.parallelize.apply_fp8 builds.")
     check_backend(backend)
 
 
@@ -61,7 +62,7 @@ def gemm_kernel(backend: str, device: torch.device) -> Kernel:
 
 
 def _check_torch_gpu(device: torch.device) -> None:
-    if device.type != "cuda":
+    if not is_gpu(device):
         raise invalid("fp8.backend", "torch", VALID,
                       f"The 'torch' backend runs torch's FP8 CUDA kernels, but the model's tensors are on "
                       f"'{device}'. Move the model to a CUDA device, or use 'emulated'.")

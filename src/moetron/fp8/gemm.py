@@ -1,6 +1,6 @@
 """The emulated fine-grained FP8 GEMM: exact quantization numerics, FP32 math, any device.
 
-It follows the Hopper recipe of SPEC §4: the FP8 products of one 128-wide chunk of K are summed, then
+It follows the Hopper recipe of arXiv 2412.19437 §3.3: the FP8 products of one 128-wide chunk of K are summed, then
 that partial sum is promoted into an FP32 accumulator with the chunk's scales multiplied in (the
 activation tile's scale per row, the weight block's scale per output column). Products of two E4M3
 values are exact in FP32, so only the FP32 sums round: the result is what an ideal FP8 kernel with FP32

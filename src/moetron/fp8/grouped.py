@@ -4,12 +4,12 @@ no tile mixes two experts' tokens.
 
 FP8SwiGLUExperts is the whole expert FFN, down(silu(gate) * up): its saved activations are the input x
 (128x1, FP8) and the SwiGLU input h = [gate, up] (1x128, FP8); the SwiGLU output is recomputed from h in
-backward instead of being stored (SPEC §4).
+backward instead of being stored (arXiv 2412.19437 §3.3).
 
 Dgrad and Wgrad run only when the backward asks for them (edges.py). In a split backward B runs the
 Dgrads and keeps for W the FP8 operands of the two Wgrads it cannot rebuild without a Dgrad GEMM, the
-SwiGLU output and its gradient dh, each quantized 128x1 (as the report caches FP8 activations, arXiv
-2412.19437 §3.3); W then runs the two Wgrad GEMMs only.
+SwiGLU output and its gradient dh, each quantized 128x1 (as the report caches FP8 activations); W then
+runs the two Wgrad GEMMs only.
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""FP8 Linear (SPEC §4): all three GEMMs in FP8 with fine-grained scales.
+"""FP8 Linear (arXiv 2412.19437 §3.3): all three GEMMs in FP8 with fine-grained scales.
 
   Fprop  y  = x  W^T    x: 1x128 tiles,               W:   128x128 blocks
   Dgrad  dx = dy W      dy: 1x128 tiles,              W^T: 128x128 blocks, quantized from the FP32 W^T

@@ -1,4 +1,4 @@
-"""Fine-grained E4M3 quantization (SPEC §4): online amax per 1x128 activation tile, per 128x128 weight
+"""Fine-grained E4M3 quantization (arXiv 2412.19437 §3.3): online amax per 1x128 activation tile, per 128x128 weight
 block, per 128x1 tile along tokens (Wgrad operands); FP32 or power-of-two scales; dequantization; and
 the uint8 views that carry FP8 over transports without a float8 type (gloo).
 

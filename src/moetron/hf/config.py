@@ -30,7 +30,7 @@ def routing_mismatch(cfg: ModelConfig) -> str | None:
     """Why the HF model routes differently from ours, or None when they agree.
 
     transformers (and DeepSeek's reference code) score a group by the sum of its top-2 biased affinities;
-    moetron sums the top K/M (SPEC §1.3). They agree when there is one group or K/M == 2."""
+    moetron sums the top K/M (arXiv 2412.19437 §2.1.2). They agree when there is one group or K/M == 2."""
     if cfg.n_group > 1 and cfg.num_experts_per_tok // cfg.topk_group != 2:
         return (
             f"With n_group={cfg.n_group}, num_experts_per_tok={cfg.num_experts_per_tok} and "
@@ -131,7 +131,7 @@ def _rope_from_hf(hf: dict, where: str, max_pos: int) -> tuple[float, RopeScalin
         return float(theta), RopeScaling(type="none")
     if rope_type != "yarn":
         raise _bad(where, "rope_scaling.rope_type", rope_type, "`default` (none) or `yarn`",
-                   "moetron implements plain RoPE and YaRN (SPEC §1.2).")
+                   "moetron implements plain RoPE and YaRN (arXiv 2412.19437 §2.1.1).")
     if params.get("attention_factor") is not None:
         raise _bad(where, "rope_scaling.attention_factor", params["attention_factor"], "absent (null)",
                    "moetron derives the YaRN attention factor from factor/mscale/mscale_all_dim.")

@@ -1,5 +1,5 @@
 """Export moetron checkpoints to the published DeepSeek-V3 Hugging Face layout, and import such directories as
-new moetron runs (SPEC §1.2 names, §1.4 MTP layout). The CLI is `python -m moetron.hf` (see __main__.py)."""
+new moetron runs (arXiv 2412.19437 §2.1.1 names, §1.4 MTP layout). The CLI is `python -m moetron.hf` (see __main__.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
+from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.store import STEP_DIR, TRAIN_STATE
 from moetron.config import ConfigError, ModelConfig, MoetronConfig
 from moetron.config.hydra import to_yaml
@@ -91,13 +93,9 @@ def load_run_config(path: Path) -> MoetronConfig:
 
 def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model tensors of a moetron DCP checkpoint (with or without optimizer state), checked against `cfg`.
-    A distributed run's checkpoint stores each routed expert on its own (model.<stack>.<global id>): those
-    are stacked back into the single-process layout."""
-    try:
-        stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise ConfigError(f"Checkpoint {step_dir} cannot be read ({type(err).__name__}: {err}). Valid: a complete "
-                          "checkpoint written by moetron (checkpoints/step_NNNNNNNN with its .metadata file).") from err
+    Checkpoints store each routed expert on its own (model.<stack>.<global id>, checkpoint/state.py): those
+    load straight into the rows of the stacked tensor."""
+    stored = read_dcp_metadata(step_dir).state_dict_metadata  # no general unpickling: ConfigError naming the file
     state, flat = {}, {}  # flat: the DCP keys to load, each into a tensor (or an expert's row) of `state`
     for name, shape in expected_state(cfg).items():
         meta = stored.get(f"model.{name}")
@@ -122,7 +120,7 @@ def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
     try:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": flat}, checkpoint_id=str(step_dir))
+            dcp.load({"model": flat}, storage_reader=SafeFileSystemReader(str(step_dir)))
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
     return state
@@ -133,7 +131,7 @@ def _tokenizer_eos(config: MoetronConfig) -> tuple[int | None, Path | None]:
     try:
         from moetron.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(config.data.tokenizer)
+        tok = load_tokenizer(config.data.tokenizer, config.data.special_tokens)
     except Exception:  # the tokenizer file may not travel with the checkpoint; the ids are optional
         return None, None
     path = Path(config.data.tokenizer) if config.data.tokenizer else None
@@ -263,7 +261,9 @@ def import_checkpoint(src: str | Path, dst: str | Path, overrides: list[str] | t
     model = model_from_state(cfg, state)
 
     dst.mkdir(parents=True, exist_ok=True)
-    path = store.save(0, model, None, {"step": 0, "tokens": 0, "sequences": 0, "imported_from": str(src.resolve())})
+    # A model-only checkpoint in the one format of every layout: any layout resumes it, its optimizer fresh.
+    path = store.save(0, model_entries(model), {"step": 0, "tokens": 0, "sequences": 0, "has_optimizer": False,
+                                                 "imported_from": str(src.resolve())})
     (dst / "config.yaml").write_text(to_yaml(config))
     model_dir = dst / MODEL_CONF_DIR / "model"
     model_dir.mkdir(parents=True, exist_ok=True)

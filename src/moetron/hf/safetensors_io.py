@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moetron.config import ConfigError
+from moetron.device import HOST
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -56,7 +57,7 @@ class SafetensorsDir:
         self._handles, self._file_of = {}, {}
         for name in files:
             try:
-                handle = safe_open(str(path / name), framework="pt", device="cpu")
+                handle = safe_open(str(path / name), framework="pt", device=str(HOST))  # read into host memory
                 keys = list(handle.keys())
             except Exception as err:  # safetensors raises its own error types for truncated or foreign files
                 raise ConfigError(f"{path / name} is not a readable safetensors file ({type(err).__name__}: {err}). "

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (SPEC §1.2): low-rank joint compression of keys/values (and queries),
+"""Multi-head Latent Attention (arXiv 2412.19437 §2.1.1): low-rank joint compression of keys/values (and queries),
 with a decoupled RoPE key shared by all heads."""
 
 import math
@@ -41,7 +41,7 @@ class MLA(nn.Module):
     def latent_attention(self, c_q: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
         """Latents -> attention output [batch, seq, heads x v dim] (the input of W_O). Selective recompute
-        (SPEC §3) recomputes all of it from the latents in backward, so neither the up-projections' outputs
+        (arXiv 2412.19437 §3.2) recomputes all of it from the latents in backward, so neither the up-projections' outputs
         nor the per-head q, k, v that the attention core reads are kept."""
         return self.attend(*self.up_project(c_q, c_kv, k_rope, cos, sin))
 
@@ -70,7 +70,7 @@ class MLA(nn.Module):
         return q, k, F.pad(v, (0, pad)) if pad > 0 else v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The attention core softmax(QK^T)V, in high precision (SPEC §4)."""
+        """The attention core softmax(QK^T)V, in high precision (arXiv 2412.19437 §3.3)."""
         batch, seq = q.shape[:2]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale

@@ -3,13 +3,15 @@ else a loop over the non-empty experts. Never a dense all-experts product."""
 
 import torch
 
+from moetron.device import is_gpu, is_host
+
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
+    if is_host(x.device):
         return x.dtype in (torch.float32, torch.bfloat16)
-    if x.device.type == "cuda":  # the CUDA kernel needs BF16 on Hopper or newer
+    if is_gpu(x.device):  # the CUDA kernel needs BF16 on Hopper or newer
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return False
 

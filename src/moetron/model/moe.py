@@ -1,4 +1,4 @@
-"""DeepSeekMoE (SPEC §1.3): shared experts plus fine-grained routed experts, sigmoid affinities in FP32,
+"""DeepSeekMoE (arXiv 2412.19437 §2.1.2): shared experts plus fine-grained routed experts, sigmoid affinities in FP32,
 group-limited (node-limited) top-K routing, the selection-only balancing bias, the sequence-wise
 balance loss, and no token dropping."""
 
@@ -32,7 +32,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        with torch.autocast(x.device.type, enabled=False):  # gating stays FP32 (SPEC §1.3, §4)
+        with torch.autocast(x.device.type, enabled=False):  # gating stays FP32 (arXiv 2412.19437 §2.1.2, §4)
             scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:  # node-limited routing: keep the M groups with the best top-(K/M) sums
@@ -63,7 +63,8 @@ class GroupedExperts(nn.Module):
 
 
 def run_experts(experts: GroupedExperts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """sum_k g_k FFN_{e_k}(x) for every token, sorting the (token, expert) pairs by expert first."""
+    """sum_k g_k FFN_{e_k}(x) for every token, sorting the (token, expert) pairs by expert first.
+    The default expert runner of `MoE`: every routed expert is here (one device, no parallelism)."""
     tokens, top_k = routing.experts.shape
     flat = routing.experts.flatten()
     order = flat.argsort(stable=True)
@@ -108,6 +109,10 @@ class MoE(nn.Module):
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
+        # How the routed experts run: run_experts(experts, x, routing) on one device. Expert parallelism
+        # replaces it (and `experts` by this rank's block) from outside: model/moe_ep.py.
+        self.expert_runner = run_experts
+        self.expert_offset = 0  # global id of experts[0]
         # Weight of the balance loss's gradient per forward (1 / micro-batches per step; set by the trainer).
         self.aux_loss_scale = 1.0
         # Per-instance statistics of the training forwards since the last reset (read by the trainer).
@@ -119,13 +124,13 @@ class MoE(nn.Module):
         batch, seq, hidden = h.shape
         x = h.reshape(-1, hidden)
         routing = self.gate(x)
-        out = run_experts(self.experts, x, routing)
+        out = self.expert_runner(self.experts, x, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         out = out.view(batch, seq, hidden)
         if self.training and torch.is_grad_enabled():
             self._record(routing)
-            if self.alpha > 0:
+            if self.alpha > 0 and batch > 0:  # a rank may see no tokens (expert parallelism, uneven batches)
                 experts = routing.experts.view(batch, seq, -1)
                 bal = sequence_balance_loss(routing.scores.view(batch, seq, -1), experts, self.num_experts, self.alpha)
                 self.balance_loss_sum += bal.detach()

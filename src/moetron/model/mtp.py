@@ -1,4 +1,4 @@
-"""Multi-token prediction (SPEC §1.4). Module k combines the previous depth's hidden state with the
+"""Multi-token prediction (arXiv 2412.19437 §2.2). Module k combines the previous depth's hidden state with the
 embedding of token t_{i+k} and predicts t_{i+k+1}; the embedding and the output head are the main
 model's (shared by reference, not copied). Depth 1 receives the main model's final-normed state, the
 convention of the published checkpoint's users (transformers, vLLM, Megatron-core)."""

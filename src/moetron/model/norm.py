@@ -1,4 +1,4 @@
-"""RMSNorm (pre-norm everywhere in DeepSeek-V3). Normalization runs in FP32 (SPEC §4: norms stay high precision)."""
+"""RMSNorm (pre-norm everywhere in DeepSeek-V3). Normalization runs in FP32 (arXiv 2412.19437 §3.3: norms stay high precision)."""
 
 import torch
 from torch import nn

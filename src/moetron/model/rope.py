@@ -1,4 +1,4 @@
-"""Rotary position embedding for MLA's decoupled RoPE part, with YaRN context extension (SPEC §1.2).
+"""Rotary position embedding for MLA's decoupled RoPE part, with YaRN context extension (arXiv 2412.19437 §2.1.1).
 
 Pairs of adjacent dimensions (x0, x1), (x2, x3), ... are rotated by one frequency each, the layout of the
 published DeepSeek-V3 weights (Hugging Face's `rope_interleave=True`).

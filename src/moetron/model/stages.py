@@ -44,6 +44,18 @@ def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
+def stages_holding(name: str, num_layers: int, num_stages: int, mtp: bool) -> set[int]:
+    """The stages whose PipelineStage holds the full-model tensor `name` (arithmetic, no model needed): the
+    embedding is stage 0's (and the last stage's, for MTP), a layer's is its stage's, the rest the last's."""
+    last = num_stages - 1
+    if name.startswith("embed_tokens."):
+        return {0, last} if mtp else {0}
+    if name.startswith("layers."):
+        layer = int(name.split(".")[1])
+        return {s for s, r in enumerate(layer_ranges(num_layers, num_stages)) if layer in r}
+    return {last}
+
+
 @dataclass
 class LastStageOutput:
     hidden: torch.Tensor
@@ -103,13 +115,13 @@ def split_stages(model: DeepSeekV3, num_stages: int, stages: list[int]) -> dict[
 
 
 def share_embedding(first: PipelineStage, last: PipelineStage) -> None:
-    """The MTP modules of `last` use `first`'s embedding Parameter itself (SPEC §3)."""
+    """The MTP modules of `last` use `first`'s embedding Parameter itself (arXiv 2412.19437 §3.2)."""
     if hasattr(last, "embed_tokens"):
         last.embed_tokens = first.embed_tokens
 
 
 def apply_selective_recompute(module: nn.Module) -> int:
-    """SPEC §3's selective recompute, applied from outside: every RMSNorm, and each MLA from its latents to
+    """arXiv 2412.19437 §3.2's selective recompute, applied from outside: every RMSNorm, and each MLA from its latents to
     the attention output (MLA.latent_attention: the latents' norms, the up-projections, RoPE and the
     attention core, as Megatron's selective recompute does for the core), run under non-reentrant activation
     checkpointing, so backward recomputes them from their inputs instead of keeping the norms' FP32

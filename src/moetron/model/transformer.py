@@ -1,5 +1,5 @@
 """The DeepSeek-V3 language model: embedding, MLA + (dense | MoE) blocks, final norm, output head,
-and D multi-token-prediction modules that share the embedding and the head (SPEC §1)."""
+and D multi-token-prediction modules that share the embedding and the head (arXiv 2412.19437 §2)."""
 
 from dataclasses import dataclass
 
@@ -56,7 +56,7 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, 0.006) for every matrix (SPEC §1.5), ones for norms, zero balancing bias."""
+        """Normal(0, 0.006) for every matrix (arXiv 2412.19437 §4.2), ones for norms, zero balancing bias."""
         for param in self.parameters():
             if param.dim() >= 2:
                 nn.init.normal_(param, mean=0.0, std=self.cfg.initializer_range)

@@ -1,6 +1,5 @@
 """`python -m moetron.train [hydra overrides]`: train (or resume) the run in run.dir."""
 
-import datetime
 import os
 import sys
 
@@ -10,6 +9,7 @@ from omegaconf import DictConfig
 
 from moetron.config import ConfigError
 from moetron.config.hydra import register_schema, to_config
+from moetron.train.trainer import Diverged, Trainer
 
 register_schema()
 
@@ -18,30 +18,18 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early by a signal with a checkpoint sa
 
 @hydra.main(config_path="pkg://moetron.hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = to_config(cfg)
-        if world > 1:  # under torchrun / srun: the distributed trainer over parallel.*
-            from moetron.train.distributed import DistributedTrainer
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
-            trainer = DistributedTrainer(config)
-        else:
-            from moetron.train.trainer import Trainer
-
-            if config.parallel.world_size > 1:
-                raise ConfigError(
-                    f"Invalid value for `parallel.pp x parallel.dp x parallel.tp`: {config.parallel.world_size}, "
-                    f"but this is one process. Valid: 1 (parallel=single), or launch {config.parallel.world_size} "
-                    f"processes: torchrun --nproc-per-node={config.parallel.world_size} -m moetron.train ..."
-                )
-            trainer = Trainer(config)
+        # One trainer for every layout: alone it is a world of one, under torchrun / srun one rank of many.
+        trainer = Trainer(to_config(cfg))
         last = trainer.fit()
     except ConfigError as err:  # a user mistake: one paragraph, no traceback, nothing written over
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"moetron: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as err:  # the run itself failed: exit 1, its finite checkpoints kept
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"moetron: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""AdamW with FP32 master weights and low-precision (BF16) moments (SPEC §2).
+"""AdamW with FP32 master weights and low-precision (BF16) moments (arXiv 2412.19437 §4.2).
 
 The model's parameters are the FP32 masters and gradients accumulate in FP32; compute may run in BF16
 under autocast. Only the moments are stored in `moment_dtype`; each update is computed in FP32.

@@ -1,4 +1,4 @@
-"""The schedules of SPEC §2 as pure functions of the step and of the tokens consumed so far."""
+"""The schedules of arXiv 2412.19437 §4.2 as pure functions of the step and of the tokens consumed so far."""
 
 import math
 

@@ -1,34 +1,81 @@
-"""The single-process trainer: the DeepSeek-V3 recipe of SPEC §2 on one device.
+"""The trainer: the DeepSeek-V3 recipe (arXiv 2412.19437 §4.2) on any layout, one process included.
 
-One step: a batch of sequences (ramped size) split into micro-batches; forward/backward with gradient
-accumulation in FP32; clip at global norm 1.0; the step is judged (NaN/Inf, loss and grad-norm spikes);
-then AdamW (FP32 masters, BF16 moments) at the scheduled LR and the aux-loss-free bias update from the
-step's expert loads -- or, for a bad step, a skipped update or a rollback. Checkpoints resume bitwise exactly.
+    python -m moetron.train model=tiny                                   # one process: pp = dp = ep = 1
+    torchrun --nproc-per-node=4 -m moetron.train parallel=cpu_2x2        # DualPipe pp 2 x dp 2, EP 2
+
+One loop for every layout (nanoGPT's habit; one process is the smallest layout, not another class):
+- set-up: the device and process group (moetron.device), the mesh, the model built with the run's seed and
+  cut to this rank's stages and experts by `parallelize`, ZeRO-1 AdamW over what this rank holds;
+- a step: this replica's slice of the (ramped) batch runs through the PipelineExecutor's schedule; losses,
+  balance losses and expert loads are summed over the world, so every rank makes the same decision; dense
+  gradients are averaged over the DP group, routed-expert gradients over the expert-data-parallel group;
+  the global grad norm counts each parameter once; the step is judged (NaN/Inf, loss and grad-norm spikes)
+  and applied, skipped or rolled back; the aux-loss-free bias update follows the optimizer step;
+- checkpoints in the one format of every layout (checkpoint/state.py), so any run resumes in any layout;
+- rank 0 alone writes metrics, events and the progress bar.
 """
 
-import contextlib
+from __future__ import annotations
+
 import math
 import os
+import resource
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from moetron import device as dev
 from moetron.checkpoint import CheckpointStore
-from moetron.config import ConfigError, MoetronConfig
+from moetron.checkpoint.state import expert_offsets, flat_entries, model_entries
+from moetron.comm import LinkModel, Transport
+from moetron.comm.errors import ParameterError
+from moetron.config import ConfigError, MoetronConfig, invalid
 from moetron.config.hydra import to_yaml
 from moetron.data import build_data
 from moetron.model import DeepSeekV3, max_violation
 from moetron.model.flops import training_flops_per_token
+from moetron.model.moe import MoE
+from moetron.model.stages import stages_holding
+from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
+from moetron.parallel import PipelineExecutor, build_schedule
+from moetron.parallel.mesh import MeshLayout, ProcessMesh
 from moetron.train import schedules
+from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
-from moetron.train.optim import MasterAdamW
+from moetron.train.parallelize import parallelize
+from moetron.train.zero import ShardGroup, ZeroAdamW
+
+# The config field behind each parameter name moetron.parallel / moetron.comm / moetron.device report.
+CONFIG_FIELDS = {
+    "pp": "parallel.pp", "ep": "parallel.ep", "tp": "parallel.tp", "order": "parallel.rank_order",
+    "ranks_per_node": "parallel.ranks_per_node", "mode": "parallel.ep_dispatch",
+    "num_experts": "model.n_routed_experts", "world_size": "parallel.pp x parallel.dp x parallel.tp",
+}
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
+
+
+@contextmanager
+def config_fields():
+    """Show the libraries' parameter errors as errors of the config fields a user sets."""
+    try:
+        yield
+    except ParameterError as err:
+        field = CONFIG_FIELDS.get(err.param, err.param)
+        raise invalid(field, err.value, err.valid, err.detail) from err
+
+
+class Diverged(RuntimeError):
+    """train.max_nonfinite_steps consecutive steps had a NaN/Inf loss or gradient: the run stops (exit 1),
+    its checkpoints hold only finite weights (a non-finite step is never applied)."""
 
 
 @dataclass
@@ -42,27 +89,84 @@ class TrainState:
     rollbacks: int = 0
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "TrainState":
+    def from_dict(cls, saved: dict) -> TrainState:
         return cls(**{name: saved.get(name, 0) for name in cls.__dataclass_fields__})
 
 
+def ranks_per_node_from_env(configured: int, world: int) -> int:
+    """parallel.ranks_per_node, else the launcher's local world size (torchrun, Slurm), else the world."""
+    if configured:
+        return configured
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return world
+
+
+def start_runtime(config: MoetronConfig) -> dev.Runtime:
+    """The device (run.device) and the process group: a world of one when no launcher started us."""
+    try:
+        return dev.start(config.run.device)
+    except ValueError as err:
+        raise invalid("run.device", config.run.device, " | ".join(dev.DEVICES), str(err).capitalize() + ".") from err
+
+
+class _WriterOnly:
+    """A log file that only rank 0 writes; the others can still read it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def read(self):
+        return self.inner.read()
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def event(self, *args, **kwargs) -> None:
+        pass
+
+    def truncate_after(self, *args, **kwargs) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, config: MoetronConfig):
+    def __init__(self, config: MoetronConfig, ranks_per_node: int | None = None):
         self.cfg = config
         self.run_dir = Path(config.run.dir)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
+        self.runtime = start_runtime(config)
+        self.device, self.rank, self.world = self.runtime.device, self.runtime.rank, self.runtime.world_size
+        self.is_writer = self.rank == 0
+        self.autocast_dtype = COMPUTE_DTYPES[config.train.precision]
+        self.mesh = self.build_mesh(ranks_per_node_from_env(ranks_per_node or config.parallel.ranks_per_node,
+                                                            self.world))
         self.data = build_data(config.data, config.train.seq_len, config.run.seed)
         if self.data.tokenizer.vocab_size > config.model.vocab_size:
-            raise ConfigError(
-                f"Invalid value for `model.vocab_size`: {config.model.vocab_size}. The tokenizer has "
-                f"{self.data.tokenizer.vocab_size} tokens. Valid: at least {self.data.tokenizer.vocab_size}."
-            )
-        torch.manual_seed(config.run.seed)
-        self.model = DeepSeekV3(config.model)
-        self.setup_parallel()  # also converts to FP8 when fp8.enabled (before the optimizer, same Parameters)
-        self.optimizer = self.build_optimizer()
-        self.checkpoints = self.build_checkpoints()
+            raise invalid("model.vocab_size", config.model.vocab_size, f"at least {self.data.tokenizer.vocab_size}",
+                          f"The tokenizer has {self.data.tokenizer.vocab_size} tokens.")
+        torch.manual_seed(config.run.seed)  # every rank builds the same full model, then keeps its part
+        full = DeepSeekV3(config.model)
+        self.moe_ids = {name: i for i, name in enumerate(n for n, m in full.named_modules() if isinstance(m, MoE))}
+        par = config.parallel
+        # One transport for every MoE layer of this rank: the link model and the overlap apply to all of them.
+        self.transport = Transport(link=LinkModel(self.mesh.layout.ranks_per_node, scale=par.link_model_scale)
+                                   if par.link_model_scale > 0 else None)
+        with config_fields():
+            self.model = parallelize(full, self.mesh, config, self.transport).to(self.device)
+        del full
+        self.num_stages, self.placement = self.model.num_stages, self.model.placement
+        self._parameter_table()
+        self._tied_embedding_group()
+        self.optimizer = ZeroAdamW(self.shard_groups, config.train.optim, self.rank, shard=par.zero1)
+        self.optimizer.init_state()
+        # parallel.ema: the EMA of the weights this rank owns under ZeRO, in host memory (train/ema.py).
+        self.ema = WeightEMA(self.optimizer.owned, par.ema_decay) if par.ema else None
+        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints,
+                                           rank=self.rank, barrier=self.barrier,
+                                           process_group=self.runtime.object_group)
         self.metrics = self.log_file(JsonLines, "metrics.jsonl")
         self.expert_loads = self.log_file(JsonLines, "expert_load.jsonl")
         self.events = self.log_file(EventLog, "events.jsonl")
@@ -71,75 +175,147 @@ class Trainer:
         self.faults = FaultInjector(config.monitor.faults, fired,
                                     on_fire=lambda step, kind: self.events.event("fault", step, kind=kind))
         self.flops_per_token = training_flops_per_token(config.model, config.train.seq_len)
+        self._executors: dict[int, PipelineExecutor] = {}
+        self._overlapped = self._setup_overlap()
         self.sink = None
         self.stop_signal: str | None = None  # set by SIGUSR1/SIGTERM: finish the step, checkpoint, exit
         self.state = TrainState()
+        self.nonfinite_streak = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
 
-    # ------------------------------------------------- what a distributed trainer replaces (train/distributed.py)
-    is_writer = True  # the one process that writes metrics, events, config.yaml and shows the progress bar
+    # ------------------------------------------------------------------------------------ layout
+    def build_mesh(self, ranks_per_node: int) -> ProcessMesh:
+        cfg, par = self.cfg, self.cfg.parallel
+        if par.tp != 1:
+            raise invalid("parallel.tp", par.tp, "1", "The trainer has no tensor parallelism (the DeepSeek-V3 "
+                          "layout uses none).")
+        if par.world_size != self.world:
+            launch = ("this is one process; launch them with torchrun --nproc-per-node" if self.world == 1
+                      else f"{self.world} processes were launched (WORLD_SIZE)")
+            raise invalid("parallel.pp x parallel.dp x parallel.tp", f"{par.pp} x {par.dp} x {par.tp} = {par.world_size}",
+                          f"a layout whose product is {self.world} (parallel=single for one process), or "
+                          f"{par.world_size} processes", f"The layout needs {par.world_size} ranks, but {launch}.")
+        if cfg.train.micro_batch_size * par.dp > cfg.train.batch_ramp_start:
+            raise invalid("train.micro_batch_size", cfg.train.micro_batch_size,
+                          f"at most train.batch_ramp_start / parallel.dp = {cfg.train.batch_ramp_start // par.dp}",
+                          "Every data-parallel replica needs whole micro-batches.")
+        with config_fields():
+            layout = MeshLayout(self.world, ranks_per_node, pp=par.pp, ep=par.ep, tp=1, order=par.rank_order)
+            layout.check_experts(cfg.model.n_routed_experts)
+            mesh = ProcessMesh(layout)
+        self.pp_index, self.dp_index = mesh.coords["pp"], mesh.coords["dp"]
+        return mesh
 
-    def setup_parallel(self) -> None:
-        """Split the model over the ranks (nothing to split on one process) and apply fp8."""
-        self.apply_fp8(self.model)
+    def _first_holder(self, name: str) -> int:
+        """The lowest pipeline index holding the full-model tensor `name` (its copy counted in norms)."""
+        cfg = self.cfg.model
+        stages = stages_holding(name, cfg.num_hidden_layers, self.num_stages, cfg.num_nextn_predict_layers > 0)
+        return min(pp for sid, pp in self.placement.items() if sid.stage in stages)
 
-    def apply_fp8(self, module: torch.nn.Module) -> None:
-        """fp8.enabled: run `module`'s FP8-eligible GEMMs in FP8 (fp8/convert.py: attention projections, dense
-        and shared-expert FFNs, MTP eh_proj, routed experts), in place, keeping the Parameter objects."""
-        if self.cfg.fp8.enabled:
-            from moetron.fp8.convert import convert_to_fp8
+    def _parameter_table(self) -> None:
+        """Unique parameters with their full-model key, in two ZeRO groups (dense over DP, experts over EDP);
+        which of them this rank counts in the grad norm; which MoE layers' biases it reports."""
+        self.expert_offset: dict[str, int] = {}
+        for stage in self.model.stages.values():
+            self.expert_offset.update(expert_offsets(stage))
+        seen, dense, experts = set(), [], []
+        for stage in self.model.stages.values():
+            for name, p in stage.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    (experts if name in self.expert_offset else dense).append((name, p))
+        mesh = self.mesh
+        self.shard_groups = [ShardGroup(mesh.dp_ranks, mesh.dp_group, sorted(dense, key=lambda kp: kp[0])),
+                             ShardGroup(mesh.edp_ranks, mesh.edp_group, sorted(experts, key=lambda kp: kp[0]))]
+        # Count each parameter once in the global grad norm: one pipeline copy (the lowest pp index that
+        # holds the key) and, inside its replica group, the member that owns it under the ZeRO partition.
+        self.norm_params = [p for g in self.shard_groups for (name, p), owner in zip(g.params, g.owners())
+                            if g.ranks[owner] == self.rank and self._first_holder(name) == self.pp_index]
+        self._layer_ids = {}  # id(MoE module) -> global MoE layer index (layers first, then MTP)
+        self._reports_bias = set()  # the MoE layers whose bias this rank reports (first holder, replica 0)
+        for stage in self.model.stages.values():
+            for name, m in stage.named_modules():
+                if isinstance(m, MoE):
+                    self._layer_ids[id(m)] = self.moe_ids[name]
+                    if self.dp_index == 0 and self._first_holder(f"{name}.gate.weight") == self.pp_index:
+                        self._reports_bias.add(self.moe_ids[name])
 
-            convert_to_fp8(module, self.cfg.fp8.backend, self.cfg.fp8.power_of_two_scales)
+    def _tied_embedding_group(self) -> None:
+        """1F1B/ZB1P with PP > 1 and MTP: stage 0 and the last stage hold separate embedding copies, whose
+        gradients are summed over a small group (as Megatron does for tied embeddings). COLLECTIVE."""
+        self.embed_group, self.embed_param = None, None
+        last = self.num_stages - 1
+        holders = {r for sid, r in self.placement.items() if sid.stage in (0, last)}
+        split = any({sid.stage for sid, r in self.placement.items() if r == h} & {0, last} != {0, last}
+                    for h in holders)
+        if not (split and self.cfg.model.num_nextn_predict_layers > 0):
+            return
+        layout = self.mesh.layout
+        for d in range(layout.dp):
+            ranks = sorted(layout.rank_of(p, d) for p in holders)
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.embed_group = group
+        for stage in self.model.stages.values():
+            if hasattr(stage, "embed_tokens"):
+                self.embed_param = stage.embed_tokens.weight
 
-    def build_optimizer(self):
-        return MasterAdamW(self.model.named_parameters(), self.cfg.train.optim)
+    def _setup_overlap(self):
+        """parallel.overlap with EP: moetron.comm.overlap's F&B hook (each all-to-all of one chunk in flight
+        while the other chunk computes; bitwise equal to the sequential pair). COLLECTIVE (twin EP groups)."""
+        if not (self.cfg.parallel.overlap and self.cfg.parallel.ep > 1):
+            return None
+        from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap
 
-    def build_checkpoints(self):
-        return CheckpointStore(self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints)
+        enable_overlap(self.transport, self.mesh.ep, self.mesh.layout.ep_groups(), self.mesh.layout.ranks_per_node)
+        # B then W inside a pair only without FP8: our FP8 GEMMs compute dgrad and wgrad in one backward, so a
+        # split would run them twice (measured: make train 20% slower).
+        return OverlappedForwardBackward(self.transport, split_backward=not self.cfg.fp8.enabled)
+
+    def layout(self) -> dict:
+        par = self.cfg.parallel
+        return dict(world=self.world, pp=par.pp, dp=par.dp, ep=par.ep, schedule=par.schedule)
 
     def log_file(self, kind, name: str):
-        return kind(self.run_dir / name)
+        inner = kind(self.run_dir / name)
+        return inner if self.is_writer else _WriterOnly(inner)
 
     def barrier(self) -> None:
-        """Wait for every rank (one process: nothing to wait for)."""
+        dist.barrier(group=self.runtime.object_group)
 
-    def moe_layers(self) -> list:
+    def moe_layers(self) -> list[MoE]:
         return self.model.moe_layers()
 
-    def clip_gradients(self) -> float:
-        clip = self.cfg.train.optim.grad_clip or float("inf")
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_entries(self) -> dict[str, torch.Tensor]:
+        """This rank's part of the checkpoint: key -> live tensor (checkpoint/state.py's keys)."""
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.model.stages.values():
+            out.update(model_entries(stage))
+        opt = self.optimizer
+        for name in opt.owned:
+            state = opt.state_of(name)
+            out[f"optim.{name}.step"] = state["step"]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                out.update(flat_entries("optim.", name, state[moment], self.expert_offset, suffix=f".{moment}"))
+        if self.ema is not None:
+            self.ema.wait()
+            for name, value in self.ema.averages.items():
+                out.update(flat_entries("ema.", name, value, self.expert_offset))
+        return out
 
-    def moe_statistics(self, micro_batches: int) -> tuple[float, list[torch.Tensor]]:
-        """The step's balance loss (summed over layers, mean over micro-batches) and each MoE layer's
-        expert loads over the whole batch."""
-        moe_layers = self.moe_layers()
-        bal_loss = sum(moe.balance_loss_sum.item() for moe in moe_layers) / micro_batches
-        return bal_loss, [moe.tokens_per_expert.clone() for moe in moe_layers]
-
-    def update_biases(self, loads: list[torch.Tensor], gamma: float) -> None:
-        for moe, load in zip(self.moe_layers(), loads):  # aux-loss-free balancing, after the optimizer step
-            moe.update_bias(load, gamma)
-
-    def bias_table(self) -> torch.Tensor | None:
-        moe_layers = self.moe_layers()
-        return torch.cat([moe.gate.e_score_correction_bias for moe in moe_layers]) if moe_layers else None
-
-    def stop_requested(self) -> bool:
-        return self.stop_signal is not None
-
-    def after_update(self) -> None:
-        """Runs after each applied optimizer step (the distributed trainer updates its weight EMA here)."""
-
-    def batch_size(self) -> int:
-        """Sequences in this step (the ramp of SPEC §2)."""
-        return schedules.batch_size(self.cfg.train, self.state.tokens)
+    def save(self) -> None:
+        step = self.state.step
+        train_state = {**asdict(self.state), "has_optimizer": True, "layout": self.layout()}
+        path = self.checkpoints.save(step, self.state_entries(), train_state,
+                                     before_publish=self.faults.checkpoint_hook(step))
+        self.events.event("checkpoint", step, path=str(path))
 
     # ----------------------------------------------------------------------------------------- set-up
     def save_every(self) -> int:
         return self.cfg.run.save_every or max(1, self.cfg.train.steps // 4)
 
     def start(self) -> None:
-        """Create the run directory, or resume from its newest complete checkpoint."""
+        """Create the run directory, or resume from its newest complete checkpoint (saved by any layout)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_model()
         self.barrier()  # every rank has compared against the saved config before the writer replaces it
@@ -147,22 +323,29 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             for stale in self.checkpoints.remove_stale():
                 self.events.event("checkpoint_discarded", self.state.step, path=str(stale), reason="never published")
-        self.barrier()
-        loaded = self.checkpoints.load_latest(self.model, self.optimizer)
+        loaded = self.checkpoints.load_latest(self.state_entries())
         if loaded is None:
             self._truncate_logs(0)
-            self.events.event("start", 0, pid=os.getpid(), params=sum(p.numel() for p in self.model.parameters()))
+            params = sum(p.numel() for g in self.shard_groups for _, p in g.params)
+            self.events.event("start", 0, pid=os.getpid(), params_on_rank0=params, layout=self.layout())
         else:
-            self.state = TrainState.from_dict(loaded.train_state)
-            for reason in loaded.skipped:
-                self.events.event("checkpoint_skipped", self.state.step, reason=reason)
-            self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
-            self.events.event("resume", self.state.step, pid=os.getpid(), checkpoint=str(loaded.path),
-                              restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+            self._resumed(loaded)
         if self.is_writer and self.cfg.monitor.wandb and self.cfg.monitor.wandb_mode != "disabled":
             from moetron.monitor.wandb_sink import WandbSink
 
-            self.sink = WandbSink(self.cfg.monitor, self.run_dir, OmegaConf.to_container(OmegaConf.structured(self.cfg)))
+            self.sink = WandbSink(self.cfg.monitor, self.run_dir,
+                                  OmegaConf.to_container(OmegaConf.structured(self.cfg)))
+
+    def _resumed(self, loaded) -> None:
+        self.state = TrainState.from_dict(loaded.train_state)
+        for reason in loaded.skipped:
+            self.events.event("checkpoint_skipped", self.state.step, reason=reason)
+        self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
+        self.events.event("resume", self.state.step, pid=os.getpid(), checkpoint=str(loaded.path),
+                          restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        saved_layout = loaded.train_state.get("layout")  # None: an HF import
+        if saved_layout != self.layout():  # any layout resumes any checkpoint: a note, never an error
+            self.events.event("layout_change", self.state.step, old=saved_layout, new=self.layout())
 
     def _truncate_logs(self, step: int) -> None:
         self.metrics.truncate_after(step)
@@ -185,26 +368,176 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return dev.autocast(self.device, self.autocast_dtype)
+
+    def batch_size(self) -> int:
+        """The ramp's size (§4.2) rounded down to whole micro-batches per replica, in the schedule's multiples
+        and at least its minimum."""
+        train, dp = self.cfg.train, self.cfg.parallel.dp
+        quantum = dp * train.micro_batch_size * self.micro_batch_quantum()
+        ramp = schedules.batch_size(train, self.state.tokens)
+        return max(ramp // quantum * quantum, dp * train.micro_batch_size * self.least_micro_batches())
+
+    def micro_batch_quantum(self) -> int:
+        """Micro-batches per replica come in multiples of this (DualPipe: an even number)."""
+        return 2 if self.cfg.parallel.schedule == "dualpipe" else 1
+
+    def least_micro_batches(self) -> int:
+        """The fewest micro-batches per replica the schedule runs (DualPipe, DualPipeV: 2 x pp)."""
+        par = self.cfg.parallel
+        return 2 * par.pp if par.schedule.startswith("dualpipe") else 1
+
+    def executor(self, num_micro: int) -> PipelineExecutor:
+        if num_micro not in self._executors:
+            try:
+                schedule = build_schedule(self.cfg.parallel.schedule, self.cfg.parallel.pp, num_micro)
+            except ValueError as err:
+                raise ConfigError(
+                    f"Invalid value for `train.micro_batch_size`: {self.cfg.train.micro_batch_size}. Each of the "
+                    f"{self.cfg.parallel.dp} data-parallel replicas gets {num_micro} micro-batches, which "
+                    f"parallel.schedule={self.cfg.parallel.schedule} rejects: {err}"
+                ) from err
+            self._executors[num_micro] = PipelineExecutor(
+                schedule, self.model.by_id(), self._loss_fn, group=self.mesh.pp_group,
+                forward_backward=self._overlapped, device=self.device)
+        return self._executors[num_micro]
+
+    def _loss_fn(self, out, target: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss for one micro-batch: lm + MTP (training) or lm alone (validation). The
+        sums stay on the device (no host sync per micro-batch)."""
+        ctx = self._ctx
+        if ctx["eval"]:
+            lm_loss = cross_entropy(out.stage.logits(out.hidden), target[:, 1:])
+            ctx["sums"][0] += lm_loss.detach().double()
+            return lm_loss
+        lm_loss, mtp_loss = out.stage.losses(out.hidden, target[:, :-1], target[:, 1:], ctx["mtp_lambda"])
+        loss = lm_loss + mtp_loss if mtp_loss is not None else lm_loss
+        if ctx["loss_factor"] != 1.0:
+            loss = loss * ctx["loss_factor"]
+        zero = torch.zeros((), device=loss.device)
+        ctx["sums"] += torch.stack([loss.detach(), lm_loss.detach(),
+                                    mtp_loss.detach() if mtp_loss is not None else zero]).double()
+        return loss / ctx["num_micro"]
+
+    def my_micro_batches(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """This DP replica's slice of the global batch, on the device, cut into micro-batches."""
+        per = batch.shape[0] // self.mesh.layout.dp
+        mine = dev.to_device(batch[self.dp_index * per:(self.dp_index + 1) * per], self.device)
+        return list(mine.split(self.cfg.train.micro_batch_size))
+
+    def run_pipeline(self, micro: list[torch.Tensor], forward_only: bool = False):
+        """Run this rank's part of the schedule over the micro-batches (inputs where it holds stage 0,
+        targets where it holds the last stage)."""
+        inputs = [m[:, :-1] for m in micro] if self.model.holds(0) else None
+        targets = micro if self.model.holds(self.num_stages - 1) else None
+        with self.autocast():
+            return self.executor(len(micro)).step(inputs, targets, forward_only=forward_only)
 
     def accumulate_gradients(self, batch: torch.Tensor, mtp_lambda: float, loss_factor: float) -> dict:
-        """Forward + backward over the micro-batches; the step's loss is their mean."""
-        micro_batches = batch.shape[0] // self.cfg.train.micro_batch_size
-        for moe in self.model.moe_layers():
-            moe.aux_loss_scale = 1.0 / micro_batches
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        """Forward + backward over this replica's micro-batches; the step's losses are means over the
+        global batch, and gradients are reduced over the replicas."""
+        micro = self.my_micro_batches(batch)
+        for moe in self.moe_layers():
+            moe.aux_loss_scale = 1.0 / len(micro)
+        self._ctx = dict(eval=False, mtp_lambda=mtp_lambda, loss_factor=loss_factor, num_micro=len(micro),
+                         sums=torch.zeros(3, dtype=torch.float64, device=self.device))
         self.model.train()
-        for micro in batch.split(self.cfg.train.micro_batch_size):
-            with self.autocast():
-                out = self.model(micro[:, :-1], micro[:, 1:], mtp_lambda=mtp_lambda)
-            loss = out.loss * loss_factor if loss_factor != 1.0 else out.loss
-            (loss / micro_batches).backward()
-            sums["loss"] += loss.item() / micro_batches
-            sums["lm_loss"] += out.lm_loss.item() / micro_batches
-            sums["mtp_loss"] += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / micro_batches
-        return sums
+        self.run_pipeline(micro)
+        sums = self._ctx["sums"]
+        dist.all_reduce(sums)
+        self.reduce_gradients()
+        total_micro = batch.shape[0] // self.cfg.train.micro_batch_size
+        loss, lm_loss, mtp_loss = (sums / total_micro).tolist()
+        return {"loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Sum the tied embedding copies, then average every gradient over its replica group (DP for dense
+        parameters, expert-data-parallel for routed experts; the same divisor, dp)."""
+        if self.embed_group is not None and self.embed_param is not None:
+            grad = _grad(self.embed_param)
+            dist.all_reduce(grad, group=self.embed_group)
+            self.embed_param.grad = grad
+        dp = self.mesh.layout.dp
+        for g in self.shard_groups:
+            params = [p for _, p in g.params]
+            if not params:
+                continue
+            flat = torch.cat([_grad(p).reshape(-1) for p in params])
+            if len(g.ranks) > 1:
+                dist.all_reduce(flat, group=g.group)
+            if dp > 1:
+                flat /= dp
+            offset = 0
+            for p in params:
+                p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+    @torch.no_grad()
+    def clip_gradients(self) -> float:
+        """Clip at the global norm (§4.2: 1.0), each parameter counted once over the world."""
+        if self.ema is not None:
+            self.ema.wait()  # the optimizer step that follows writes the weights the EMA thread reads
+        local = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.norm_params:
+            if p.grad is not None:
+                local += p.grad.double().pow(2).sum()
+        dist.all_reduce(local)
+        squared = local.item()
+        norm = math.sqrt(squared) if math.isfinite(squared) else float("nan")
+        clip = self.cfg.train.optim.grad_clip or float("inf")
+        coef = min(clip / (norm + 1e-6), 1.0) if math.isfinite(norm) else float("nan")
+        for g in self.shard_groups:
+            for _, p in g.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def moe_statistics(self, micro_batches: int) -> tuple[float, list[torch.Tensor]]:
+        """The step's balance loss (summed over layers, mean over micro-batches) and each MoE layer's
+        expert loads over the global batch, summed over every rank that ran a copy."""
+        table = torch.zeros(len(self.moe_ids), self.cfg.model.n_routed_experts, dtype=torch.float64,
+                            device=self.device)
+        bal = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for moe in self.moe_layers():
+            table[self._layer_ids[id(moe)]] += moe.tokens_per_expert.double()
+            bal += moe.balance_loss_sum.double()
+        packed = torch.cat([bal, table.flatten()])
+        dist.all_reduce(packed)
+        loads = packed[1:].view_as(table).float().to(dev.HOST)
+        return packed[0].item() / micro_batches, list(loads.unbind(0))
+
+    def update_biases(self, loads: list[torch.Tensor], gamma: float) -> None:
+        """Aux-loss-free balancing (§2.1.2), after the optimizer step, from the global batch's loads."""
+        for moe in self.moe_layers():
+            moe.update_bias(loads[self._layer_ids[id(moe)]].to(self.device), gamma)
+
+    def bias_table(self) -> torch.Tensor | None:
+        if not self.moe_ids:
+            return None
+        table = torch.zeros(len(self.moe_ids), self.cfg.model.n_routed_experts, device=self.device)
+        for moe in self.moe_layers():
+            i = self._layer_ids[id(moe)]
+            if i in self._reports_bias:
+                table[i] = moe.gate.e_score_correction_bias
+        dist.all_reduce(table)
+        return table.flatten().to(dev.HOST)
+
+    def stop_requested(self) -> bool:
+        """A stop signal on any rank stops every rank after the same step."""
+        flag = torch.tensor([1 if self.stop_signal is not None else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = "peer"
+        return bool(flag.item())
+
+    def peak_memory(self) -> dict:
+        """The largest peak resident memory of any rank (MB), and on a GPU its peak allocated device memory."""
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                             dev.peak_memory_bytes(self.device) / 2**20], dtype=torch.float64, device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        rss, device_mb = peak.tolist()
+        return {"peak_rss_mb": rss, **({"peak_device_mb": device_mb} if dev.is_gpu(self.device) else {})}
 
     def train_step(self) -> dict:
         train, state = self.cfg.train, self.state
@@ -227,7 +560,8 @@ class Trainer:
             self.optimizer.set_lr(lr)
             self.optimizer.step()
             self.update_biases(loads, gamma)
-            self.after_update()
+            if self.ema is not None:
+                self.ema.update()
             state.tokens += batch_size * train.seq_len
         self.optimizer.zero_grad(set_to_none=True)
         for moe in self.moe_layers():
@@ -243,7 +577,7 @@ class Trainer:
             "max_vio_layers": [round(max_violation(load), 4) for load in loads],
             "bias_absmax": biases.abs().max().item() if biases is not None else 0.0,
             "bias_std": biases.std().item() if biases is not None and biases.numel() > 1 else 0.0,
-            "action": action,
+            "action": action, **self.peak_memory(),
         }
         if action == "rollback":
             self.rollback(step, batch_size)
@@ -251,6 +585,7 @@ class Trainer:
 
     def decide(self, step: int, verdict: Verdict, loss: float, grad_norm: float) -> str:
         """apply | skip | rollback, from the verdict and the spike policy; every non-apply is an event."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if verdict.kind == "nonfinite" else 0
         if verdict.ok:
             return "apply"
         spike = self.cfg.monitor.spike
@@ -269,19 +604,26 @@ class Trainer:
             self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
         return action
 
-    def _before(self, step: int) -> Path | None:
-        """The newest complete checkpoint taken before `step`."""
-        earlier = [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
-        return earlier[-1] if earlier else None
+    def _before(self, step: int) -> list[Path]:
+        """The complete checkpoints taken before `step`, oldest first."""
+        return [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
 
     def rollback(self, spike_step: int, batch_size: int) -> None:
-        """PaLM-style: restore the newest checkpoint before the spike, move the data cursor past the spike
-        plus `rollback_skip_batches` batches, and save at once so a crash cannot replay the bad window."""
-        target = self._before(spike_step)
+        """PaLM-style: restore the newest sound checkpoint before the spike (a damaged one is moved aside and
+        the next older tried), move the data cursor past the spike plus `rollback_skip_batches` batches, and
+        save at once so a crash cannot replay the bad window."""
         cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
-        rollbacks = self.state.rollbacks + 1
-        restored = TrainState.from_dict(self.checkpoints.load(target, self.model, self.optimizer))
-        self.state = TrainState(restored.step, restored.tokens, cursor, rollbacks)
+        self.barrier()  # every rank has decided on the same checkpoints before any reads them
+        for target in reversed(self._before(spike_step)):
+            try:
+                restored = TrainState.from_dict(self.checkpoints.load(target, self.state_entries()))
+                break
+            except ConfigError as err:
+                self.events.event("checkpoint_skipped", spike_step, reason=str(err))
+        else:  # nothing sound to go back to: the spike's update was not applied; carry on from here
+            self.events.event("rollback_failed", spike_step, reason="no sound checkpoint before the spike")
+            return
+        self.state = TrainState(restored.step, restored.tokens, cursor, self.state.rollbacks + 1)
         self.detector.forget_after(restored.step)
         self._truncate_logs(restored.step)
         self.events.event("rollback", spike_step, to_step=restored.step, checkpoint=str(target),
@@ -292,24 +634,21 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean next-token loss on the first eval_batches micro-batches of the held-out split."""
+        """Mean next-token loss on held-out micro-batches, forward-only through the pipeline schedule; the
+        micro-batches are dealt over the DP replicas (each gets the schedule's minimum at least)."""
         if self.data.val is None:
             return float("nan")
-        self.model.eval()
-        train = self.cfg.train
-        count = min(train.eval_batches * train.micro_batch_size, self.data.val.num_sequences)
+        train, dp = self.cfg.train, self.mesh.layout.dp
+        quantum = self.micro_batch_quantum()
+        per_replica = max(-(-max(train.eval_batches // dp, 1) // quantum) * quantum, self.least_micro_batches())
+        count = per_replica * dp * train.micro_batch_size
         batch = self.data.val.batch(0, count, shuffle=False)
-        losses = []
-        for micro in batch.split(train.micro_batch_size):
-            with self.autocast():
-                losses.append(self.model(micro[:, :-1], micro[:, 1:]).lm_loss.item())
-        return sum(losses) / len(losses)
-
-    def save(self) -> None:
-        step = self.state.step
-        path = self.checkpoints.save(step, self.model, self.optimizer, asdict(self.state),
-                                     before_publish=self.faults.checkpoint_hook(step))
-        self.events.event("checkpoint", step, path=str(path))
+        self.model.eval()
+        self._ctx = dict(eval=True, sums=torch.zeros(1, dtype=torch.float64, device=self.device))
+        self.run_pipeline(self.my_micro_batches(batch), forward_only=True)
+        total = self._ctx["sums"]
+        dist.all_reduce(total)
+        return total.item() / (per_replica * dp)
 
     # ------------------------------------------------------------------------------------------- loop
     def request_stop(self, signum, _frame=None) -> None:
@@ -324,15 +663,17 @@ class Trainer:
         total = cfg.train.steps
         if self.state.step >= total:
             if self.is_writer:
-                    print(f"moetron: {self.run_dir} already trained {self.state.step} steps (train.steps={total}).")
+                print(f"moetron: {self.run_dir} already trained {self.state.step} steps (train.steps={total}).")
             return None
-        bar = tqdm(total=total, initial=self.state.step, disable=not (cfg.run.progress and self.is_writer), unit="step",
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=total, initial=self.state.step, disable=not (cfg.run.progress and self.is_writer),
+                   unit="step", dynamic_ncols=True, desc="train")
         record, window_tokens, window_start = None, 0, time.perf_counter()
         while self.state.step < total:
             step_start = time.perf_counter()
             record = self.train_step()
             loads = record.pop("_loads")
+            if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                return self.diverged(record, bar)
             if record["action"] == "rollback":
                 bar.n = self.state.step
                 bar.refresh()
@@ -348,7 +689,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            saved = step % self.save_every() == 0 or step == total
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
+            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
             if saved:
                 self.save()
             bar.update(1)
@@ -358,6 +700,17 @@ class Trainer:
         self.events.event("finish", self.state.step)
         self.finish()
         return record
+
+    def diverged(self, record: dict, bar):
+        """Stop: nothing finite is left to train on. The checkpoints (all finite) stay as they are."""
+        bar.close()
+        self.log(record, 0.0, 0.0)
+        self.events.event("diverged", self.state.step, nonfinite_steps=self.nonfinite_streak)
+        self.finish()
+        raise Diverged(f"{self.nonfinite_streak} consecutive steps (up to step {self.state.step}) had a NaN or Inf "
+                       f"loss or gradient (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); no update "
+                       f"was applied. The checkpoints in {self.run_dir / 'checkpoints'} hold the last finite weights. "
+                       "Check the data, lower train.optim.lr, or raise train.max_nonfinite_steps.")
 
     def preempt(self, record: dict, saved: bool, bar) -> dict:
         """Stop after a complete step with a checkpoint, so the requeued job resumes with nothing lost."""
@@ -392,12 +745,18 @@ class Trainer:
             figure.clf()
 
     def finish(self) -> None:
+        if self.ema is not None:
+            self.ema.close()
         if self.cfg.monitor.report and self.is_writer:
             from moetron.report import draw_report
 
             draw_report(self.run_dir, self.run_dir / "report.png")
         if self.sink is not None:
             self.sink.finish()
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def _round(value):
