@@ -1,7 +1,8 @@
 """Does FP8 training (emulated, fine-grained scaling) track BF16, measured against a noise floor?
 DeepSeek-V3 (arXiv 2412.19437, §3.3) reports a relative loss error of FP8 vs BF16 below 0.25%.
 
-The same model (default: the `tiny` preset), data (data/corpus, built by `make corpus`) and schedule
+The same model (default: the `tiny` preset), data (hydra_conf/data/default.yaml: the corpus and tokenizer
+`make corpus` builds) and schedule
 (hydra_conf/train/tiny.yaml, whose 300 steps run the whole LR schedule down to its final LR) are trained
 with moetron's Trainer in BF16 (train.precision=bf16, autocast) and in FP8 (the same, plus fp8.enabled with
 the `emulated` backend: E4M3 1x128 / 128x128 quantization numerics, GEMMs in FP32), once per seed. A seed
@@ -66,8 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--other-threads", type=int, default=None,
                    help="threads of the extra BF16 run of seed 0 (default: 2 if --threads is 1, else 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
-    p.add_argument("--train-file", default=str(ROOT / "data" / "corpus" / "train.jsonl"))
-    p.add_argument("--val-file", default=str(ROOT / "data" / "corpus" / "val.jsonl"))
     p.add_argument("--keep", default=None, help="keep the run directories under this path (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS), help="where fp8_loss.json and fp8_loss.png go")
     args = p.parse_args(argv)
@@ -89,11 +88,20 @@ def preset(dataclass, group: str, name: str):
     return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.load(CONF / group / f"{name}.yaml")))
 
 
+def data_config() -> DataConfig:
+    """hydra_conf/data/default.yaml (the corpus and tokenizer `make corpus` builds), paths from the repo root."""
+    data = preset(DataConfig, "data", "default")
+    data.train_files = [str(ROOT / f) for f in data.train_files]
+    data.val_files = [str(ROOT / f) for f in data.val_files]
+    data.tokenizer = str(ROOT / data.tokenizer) if data.tokenizer else None
+    return data
+
+
 def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> MoetronConfig:
     config = MoetronConfig(
         model=preset(ModelConfig, "model", args.model),
         train=preset(TrainConfig, "train", "tiny"),
-        data=DataConfig(train_files=[args.train_file], val_files=[args.val_file]),
+        data=data_config(),
         run=RunConfig(dir=str(run_dir), progress=False, log_every=1, save_every=args.steps, seed=seed,
                       threads=threads),
         monitor=MonitorConfig(wandb=False, report=False),
