@@ -27,8 +27,11 @@ def wanted(ctx, index: int) -> bool:
     node = ctx.next_functions[index][0]
     if node is None:
         return False
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # private: absent means compute all
+    if will_execute is None:
+        return True
     try:
-        return torch._C._will_engine_execute_node(node)
+        return will_execute(node)
     except RuntimeError:  # a leaf under autograd.grad(): the engine cannot say, so compute it
         return True
 
