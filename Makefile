@@ -50,7 +50,7 @@ bench:
 	$(PY) benchmarks/pipeline_schedules.py
 	$(PY) benchmarks/ep_dispatch.py
 	$(PY) benchmarks/overlap.py
-	$(PY) benchmarks/fp8_loss.py --cli --concurrent --threads 1 --steps 200
+	$(PY) benchmarks/fp8_loss.py
 	$(PY) benchmarks/plan_vs_report.py
 	$(PY) benchmarks/plan_vs_measured.py --steps 12 --layout both
 	OMP_NUM_THREADS=1 $(PY) benchmarks/data_loader.py

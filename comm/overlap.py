@@ -116,8 +116,8 @@ class OverlappedForwardBackward:
     def __init__(self, transport: Transport, split_backward: bool = True):
         self.transport = transport
         # Run the backward chunk as B then W (its `run_b_then_w`, if it has one): its transfers go out before
-        # the weight GEMMs, which then fill the forward's last waits. Off where B cannot skip W (FP8 GEMMs
-        # that compute both gradients in one backward would run twice).
+        # the weight GEMMs, which then fill the forward's last waits. Off only for modules whose B cannot skip their weight GEMMs (autograd's own
+        # nodes and moetron's FP8 Functions can).
         self.split_backward = split_backward
 
     def __call__(self, forward, backward) -> tuple:

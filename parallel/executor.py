@@ -73,8 +73,9 @@ class BackwardJob:
         """The same gradients, with the weight gradients computed last (B, then W, unless deferred): only B
         lies on the path to the next transfer (the previous stage, an all-to-all of gradients), so an
         overlapped pair issues its transfers sooner and the weight GEMMs run while they are in flight
-        (arXiv 2412.19437 §3.2.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, a custom
-        Function computing both gradients at once (our FP8 GEMMs) runs twice."""
+        (arXiv 2412.19437 §3.2.1). It pays only where B can skip the weight GEMMs: autograd's own nodes can, and so
+        can a custom Function that computes only the gradients the running backward asks for (moetron's FP8
+        GEMMs do); one computing both at once would run twice."""
         grads = self.backward.inputs_only()
         if self.action.op != Op.B:
             self.backward.weights()

@@ -5,11 +5,14 @@ that partial sum is promoted into an FP32 accumulator with the chunk's scales mu
 activation tile's scale per row, the weight block's scale per output column). Products of two E4M3
 values are exact in FP32, so only the FP32 sums round: the result is what an ideal FP8 kernel with FP32
 promotion every 128 of K computes.
+
+`fp8_gemm.prepare` turns an FP8 operand into the FP32 the GEMM multiplies (`fp8_to_float`), so a grouped
+GEMM converts its operands once rather than once per expert; the GEMM takes either form.
 """
 
 import torch
 
-from moetron.fp8.quant import TILE, ceil_div
+from moetron.fp8.quant import TILE, ceil_div, fp8_to_float
 
 
 def row_scales(b_scales: torch.Tensor, rows: int, block: bool) -> torch.Tensor:
@@ -28,7 +31,8 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """a @ b.T for FP8 a [M, K] with 1x128 scales [M, ceil(K/128)] and FP8 b [N, K] with 1x128 scales
-    [N, ceil(K/128)] or, with b_block=True, 128x128 scales [ceil(N/128), ceil(K/128)]. Returns [M, N]."""
+    [N, ceil(K/128)] or, with b_block=True, 128x128 scales [ceil(N/128), ceil(K/128)]. Returns [M, N].
+    a and b may also be given as fp8_gemm.prepare made them (FP32 holding E4M3 values)."""
     (m, k), n = a.shape, b.shape[0]
     kb = ceil_div(k, TILE)
     if b.shape[1] != k or a_scales.shape != (m, kb):
@@ -38,15 +42,40 @@ def fp8_gemm(
     if b_rows.shape != (n, kb):
         raise ValueError(f"fp8_gemm: b scales {tuple(b_scales.shape)} do not fit b {tuple(b.shape)} "
                          f"(b_block={b_block})")
-    with torch.autocast(a.device.type, enabled=False):  # the math is FP32 whatever autocast says
-        a32, b32 = a.float(), b.float()
-        a_scales, b_rows = a_scales.float(), b_rows.float()
-        out = None
-        for chunk in range(kb):  # promotion every 128 of K
-            cols = slice(chunk * TILE, (chunk + 1) * TILE)
-            partial = (a32[:, cols] @ b32[:, cols].T).mul_(a_scales[:, chunk, None]).mul_(b_rows[:, chunk])
-            out = partial if out is None else out.add_(partial)
-    return out.to(out_dtype) if out is not None else a32.new_zeros(m, n, dtype=out_dtype)
+    a32, b32 = fp8_to_float(a), fp8_to_float(b)
+    a_scales, b_rows = _fp32(a_scales), _fp32(b_rows)
+    if kb == 0:
+        return a32.new_zeros(m, n, dtype=out_dtype)
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):  # the math is FP32 whatever autocast says
+            return _promoted(a32, a_scales, b32, b_rows, kb).to(out_dtype)
+    return _promoted(a32, a_scales, b32, b_rows, kb).to(out_dtype)
+
+
+def _promoted(a32, a_scales, b32, b_rows, kb: int) -> torch.Tensor:
+    if kb == 1:  # the whole of K is one chunk (slicing it out would give the same operands)
+        return (a32 @ b32.T).mul_(a_scales).mul_(b_rows[:, 0])
+    if a32.shape[1] == kb * TILE:  # whole chunks: one batched GEMM, each chunk's operands as below
+        partials = torch.bmm(a32.unflatten(1, (kb, TILE)).transpose(0, 1), b32.unflatten(1, (kb, TILE)).permute(1, 2, 0))
+        partials.mul_(a_scales.t().unsqueeze(-1)).mul_(b_rows.t().unsqueeze(1))
+        out = partials[0]
+        for chunk in range(1, kb):  # promoted in order, as one chunk at a time would be
+            out.add_(partials[chunk])
+        return out
+    out, b32_t = None, b32.T
+    for chunk in range(kb):  # promotion every 128 of K
+        cols = slice(chunk * TILE, (chunk + 1) * TILE)
+        partial = (a32[:, cols] @ b32_t[cols]).mul_(a_scales[:, chunk : chunk + 1])
+        partial.mul_(b_rows[:, chunk])
+        out = partial if out is None else out.add_(partial)
+    return out
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+fp8_gemm.prepare = fp8_to_float
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:

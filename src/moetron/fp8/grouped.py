@@ -5,6 +5,11 @@ no tile mixes two experts' tokens.
 FP8SwiGLUExperts is the whole expert FFN, down(silu(gate) * up): its saved activations are the input x
 (128x1, FP8) and the SwiGLU input h = [gate, up] (1x128, FP8); the SwiGLU output is recomputed from h in
 backward instead of being stored (arXiv 2412.19437 §3.3).
+
+Dgrad and Wgrad run only when the backward asks for them (edges.py). In a split backward B runs the
+Dgrads and keeps for W the FP8 operands of the two Wgrads it cannot rebuild without a Dgrad GEMM, the
+SwiGLU output and its gradient dh, each quantized 128x1 (as the report caches FP8 activations); W then
+runs the two Wgrad GEMMs only.
 """
 
 import torch
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.fp8.backends import Kernel, check_kernel_backend, gemm_kernel
+from moetron.fp8.edges import deferred, wanted, with_edges
 from moetron.fp8.linear import compute_dtype, wgrad
 from moetron.fp8.quant import (
     TILE,
@@ -23,9 +29,16 @@ from moetron.fp8.quant import (
 )
 
 
+def prepared(kernel: Kernel, data: torch.Tensor) -> torch.Tensor:
+    """An operand in the form `kernel` multiplies, converted once for all experts (kernel.prepare, if any)."""
+    prepare = getattr(kernel, "prepare", None)
+    return data if prepare is None else prepare(data)
+
+
 def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
     """Rows of expert e times b[e]^T: a [N, K] FP8 (1x128), b [E, out, K] FP8 (128x128) -> [N, out]."""
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    a, b = prepared(kernel, a), prepared(kernel, b)
     start = 0
     for expert, rows in enumerate(splits):
         if rows:
@@ -38,6 +51,7 @@ def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], ou
 
 def grouped_wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, splits: list[int], out) -> torch.Tensor:
     """out[e] = dy_e^T x_e from grouped 128x1 data (scales hold ceil(rows_e / 128) tiles per expert)."""
+    dy_t, x_t = prepared(kernel, dy_t), prepared(kernel, x_t)
     row = tile = 0
     for expert, rows in enumerate(splits):
         tiles = ceil_div(rows, TILE)
@@ -55,35 +69,41 @@ def _dgrad(kernel, dy, weight, splits, p2, out_dtype):
 
 
 def _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2):
-    dy_t, dy_t_s = quantize_128x1_grouped(dy, counts, p2)
-    return grouped_wgrad(kernel, dy_t, dy_t_s, x_t, x_t_s, splits, torch.zeros_like(weight))
+    return _wgrad_q(kernel, quantize_128x1_grouped(dy, counts, p2), (x_t, x_t_s), weight, splits)
+
+
+def _wgrad_q(kernel, dy_q, x_q, weight, splits):
+    """The Wgrad of `weight` from grouped 128x1 (data, scales) pairs of dy and x."""
+    return grouped_wgrad(kernel, *dy_q, *x_q, splits, torch.zeros_like(weight))
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts, kernel, power_of_two, keep_for_wgrad):
-        splits = counts.tolist()
+        splits, out_dtype, x_dtype = counts.tolist(), compute_dtype(x), x.dtype
+        x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, power_of_two)
         w_q, w_s = quantize_128x128(weight, power_of_two)
-        y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, compute_dtype(x))
+        y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, out_dtype)
         saved = quantize_128x1_grouped(x, counts, power_of_two) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(*saved, weight, counts)
-        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x.dtype
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x_dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_t, x_t_s, weight, counts = ctx.saved_tensors
         kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
-        dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dw = _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2) if ctx.needs_input_grad[1] else None
+        dy = dy.float()  # once, for both quantizations
+        dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype) if wanted(ctx, 0) else None
+        dw = _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2) if wanted(ctx, 1) else None
         return dx, dw, None, None, None, None
 
 
 def fp8_grouped_linear(x, weight, counts, *, kernel: Kernel, power_of_two: bool = False) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ weight[e]^T with the three GEMMs in FP8."""
     keep_for_wgrad = torch.is_grad_enabled() and weight.requires_grad
-    return FP8GroupedLinearFunction.apply(x, weight, counts, kernel, power_of_two, keep_for_wgrad)
+    return FP8GroupedLinearFunction.apply(*with_edges(x, weight), counts, kernel, power_of_two, keep_for_wgrad)
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -94,43 +114,63 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad):
-        p2, splits = power_of_two, counts.tolist()
+        p2, splits, out_dtype, x_dtype = power_of_two, counts.tolist(), compute_dtype(x), x.dtype
+        x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, p2)
         w1_q, w1_s = quantize_128x128(gate_up, p2)
         h = grouped_gemm(kernel, x_q, x_s, w1_q, w1_s, splits, torch.float32)
         h_q, h_s = quantize_1x128(h, p2)  # the SwiGLU input, cached in FP8
         a_q, a_s = quantize_1x128(_swiglu(h), p2)
         w2_q, w2_s = quantize_128x128(down, p2)
-        y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, compute_dtype(x))
+        y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, out_dtype)
         x_t, x_t_s = quantize_128x1_grouped(x, counts, p2) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(x_t, x_t_s, h_q, h_s, gate_up, down, counts)
-        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x.dtype
+        ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x_dtype
+        ctx.kept_for_w = {}
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_t, x_t_s, h_q, h_s, gate_up, down, counts = ctx.saved_tensors
         kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
-        gate, up = dequantize_1x128(h_q, h_s).chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        a = gate * sig * up  # the SwiGLU output, recomputed
-
+        dy = dy.float()  # once, for both quantizations
+        want_x, want_gate_up, want_down = (wanted(ctx, i) for i in range(3))
+        later_gate_up, later_down = deferred(ctx, 1), deferred(ctx, 2)
+        # The 128x1 operands of the two Wgrads: kept by a B for its W, else built here when needed.
+        kept, ctx.kept_for_w = ctx.kept_for_w, {}
+        a_t = kept.get("a") if want_down else None
+        dh_t = kept.get("dh") if want_gate_up else None
+        need_a = a_t is None and (want_down or later_down)
+        need_dh = dh_t is None and (want_gate_up or later_gate_up) or want_x
+        if need_a or need_dh:
+            gate, up = dequantize_1x128(h_q, h_s).chunk(2, dim=-1)
+            sig = torch.sigmoid(gate)
+        if need_a:
+            a_t = quantize_128x1_grouped(gate * sig * up, counts, p2)  # the SwiGLU output, recomputed
+        dh = None
+        if need_dh:
+            da = _dgrad(kernel, dy, down, splits, p2, torch.float32)
+            d_gate = da * up * sig * (1 + gate * (1 - sig))
+            dh = torch.cat([d_gate, da * gate * sig], dim=-1)
+            if dh_t is None and (want_gate_up or later_gate_up):
+                dh_t = quantize_128x1_grouped(dh, counts, p2)
+        if later_down:  # the B of a split backward: its W comes back for these
+            ctx.kept_for_w["a"] = a_t
+        if later_gate_up:
+            ctx.kept_for_w["dh"] = dh_t
         d_down = None
-        if ctx.needs_input_grad[2]:
-            a_t, a_t_s = quantize_128x1_grouped(a, counts, p2)
-            d_down = _wgrad(kernel, dy, counts, a_t, a_t_s, down, splits, p2)
-        da = _dgrad(kernel, dy, down, splits, p2, torch.float32)
-        d_gate = da * up * sig * (1 + gate * (1 - sig))
-        dh = torch.cat([d_gate, da * gate * sig], dim=-1)
-        d_gate_up = _wgrad(kernel, dh, counts, x_t, x_t_s, gate_up, splits, p2) if ctx.needs_input_grad[1] else None
-        dx = _dgrad(kernel, dh, gate_up, splits, p2, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        if want_down:
+            d_down = _wgrad_q(kernel, quantize_128x1_grouped(dy, counts, p2), a_t, down, splits)
+        d_gate_up = _wgrad_q(kernel, dh_t, (x_t, x_t_s), gate_up, splits) if want_gate_up else None
+        dx = _dgrad(kernel, dh, gate_up, splits, p2, ctx.x_dtype) if want_x else None
         return dx, d_gate_up, d_down, None, None, None, None
 
 
 def fp8_swiglu_experts(x, gate_up, down, counts, *, kernel: Kernel, power_of_two: bool = False):
     """down_e(silu(gate_e x) * up_e x) for rows of each expert e, gate_up [E, 2I, H], down [E, H, I]."""
     keep_for_wgrad = torch.is_grad_enabled() and gate_up.requires_grad
-    return FP8SwiGLUExpertsFunction.apply(x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad)
+    return FP8SwiGLUExpertsFunction.apply(*with_edges(x, gate_up, down), counts, kernel, power_of_two,
+                                          keep_for_wgrad)
 
 
 class FP8GroupedExperts(nn.Module):

@@ -6,12 +6,16 @@
 
 Only FP8 copies of the input are kept for backward: x quantized along tokens for Wgrad, taken from the
 high-precision x in forward (never by transposing the 1x128 copy), plus its scales.
+
+Dgrad and Wgrad run only when the backward asks for them (edges.py): a split backward runs Dgrad in B
+and Wgrad in its deferred W, from the same saved FP8 x and the gradient the split keeps for W.
 """
 
 import torch
 from torch import nn
 
 from moetron.fp8.backends import Kernel, check_kernel_backend, gemm_kernel
+from moetron.fp8.edges import wanted, with_edges
 from moetron.fp8.quant import quantize_1x128, quantize_128x1, quantize_128x128
 
 
@@ -30,7 +34,7 @@ def wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, out_dtype) -> torc
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kernel, power_of_two, keep_for_wgrad):
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).float()  # once, for both quantizations
         out_dtype = compute_dtype(x)
         x_q, x_s = quantize_1x128(rows, power_of_two)
         w_q, w_s = quantize_128x128(weight, power_of_two)
@@ -48,24 +52,24 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_t, x_t_s, weight = ctx.saved_tensors
         kernel, p2 = ctx.kernel, ctx.power_of_two
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).float()  # once, for every use below
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if wanted(ctx, 0):
             dy_q, dy_s = quantize_1x128(dy, p2)
             wt_q, wt_s = quantize_128x128(weight.t(), p2)  # fresh from the high-precision W^T
             dx = kernel(dy_q, dy_s, wt_q, wt_s, b_block=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if wanted(ctx, 1):
             dy_t, dy_t_s = quantize_128x1(dy, p2)
             dw = wgrad(kernel, dy_t, dy_t_s, x_t, x_t_s, weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy.float().sum(0).to(ctx.bias_dtype)
+        if ctx.bias_dtype is not None and wanted(ctx, 2):
+            db = dy.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
 
 
 def fp8_linear(x, weight, bias=None, *, kernel: Kernel, power_of_two: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) with the three GEMMs in FP8."""
     keep_for_wgrad = torch.is_grad_enabled() and weight.requires_grad
-    return FP8LinearFunction.apply(x, weight, bias, kernel, power_of_two, keep_for_wgrad)
+    return FP8LinearFunction.apply(*with_edges(x, weight, bias), kernel, power_of_two, keep_for_wgrad)
 
 
 class FP8Linear(nn.Linear):

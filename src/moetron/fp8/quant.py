@@ -45,10 +45,30 @@ def scales_from_amax(amax: torch.Tensor, power_of_two: bool = False) -> torch.Te
     return round_up_pow2(scale) if power_of_two else scale
 
 
-def to_fp8(x: torch.Tensor) -> torch.Tensor:
+def to_fp8(x: torch.Tensor, scaled: bool = False) -> torch.Tensor:
     """Saturating cast to E4M3. Clamping first makes overflow go to +-448 on every torch version
-    (some versions cast out-of-range values to NaN); NaN stays NaN so a broken step stays visible."""
-    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    (some versions cast values from 464 up to NaN); NaN stays NaN so a broken step stays visible.
+    scaled=True: x was divided by a scale of at least amax(|x|) / 448, so |x| is above 448 by rounding
+    at most, which the cast rounds to 448 like the clamp would: the clamp (a pass over x) is skipped."""
+    return x.to(FP8_DTYPE) if scaled else x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+# Every E4M3 code's value, by code: the constant table fp8_to_float looks values up in.
+E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+
+
+def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
+    """E4M3 data as FP32: the values and the memory layout of data.float() (a transposed matrix stays
+    transposed, so a GEMM sees the same operand as before). CPU kernels convert float8 one element at a
+    time; a lookup in the table of all 256 codes is several times faster."""
+    if data.dtype != FP8_DTYPE:
+        return data.float()
+    if data.dim() == 2 and not data.is_contiguous() and data.t().is_contiguous():
+        return fp8_to_float(data.t()).t()
+    if not data.is_contiguous():
+        return data.float()
+    codes = data.view(torch.uint8).reshape(-1).int()
+    return E4M3_VALUES.to(data.device).index_select(0, codes).view(data.shape)
 
 
 def _cut(data: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
@@ -63,9 +83,13 @@ def _cut(data: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
 
 def quantize_1x128(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row (token) per 128 columns (channels): x [..., K] -> (data [..., K], scales [..., ceil(K/128)])."""
+    if 0 < x.shape[-1] <= TILE:  # one tile per row: no padding
+        x = x.float()
+        scales = scales_from_amax(x.abs().amax(-1, keepdim=True), power_of_two)
+        return to_fp8(x / scales, scaled=True), scales
     tiles = _pad(x.float(), -1).unflatten(-1, (-1, TILE))  # [..., Kb, 128]
     scales = scales_from_amax(tiles.abs().amax(-1), power_of_two)
-    data = to_fp8(tiles / scales.unsqueeze(-1)).flatten(-2)
+    data = to_fp8(tiles / scales.unsqueeze(-1), scaled=True).flatten(-2)
     return _cut(data, {data.dim() - 1: x.shape[-1]}), scales
 
 
@@ -76,7 +100,7 @@ def quantize_128x128(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch
     padded = _pad(_pad(w.float(), -1), -2)
     blocks = padded.unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))  # [..., Nb, 128, Kb, 128]
     scales = scales_from_amax(blocks.abs().amax(dim=(-3, -1)), power_of_two)
-    data = to_fp8(blocks / scales[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
+    data = to_fp8(blocks / scales[..., :, None, :, None], scaled=True).flatten(-2).flatten(-3, -2)
     return _cut(data, {data.dim() - 2: w.shape[-2], data.dim() - 1: w.shape[-1]}), scales
 
 
@@ -85,9 +109,13 @@ def quantize_128x1(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.T
     The Wgrad operands: their GEMM contracts over tokens, so the tiles run along tokens."""
     if x.dim() != 2:
         raise ValueError(f"quantize_128x1 needs a [tokens, channels] matrix; got shape {tuple(x.shape)}")
+    if 0 < x.shape[0] <= TILE:  # one tile per column: no padding
+        x = x.float()
+        scales = scales_from_amax(x.abs().amax(0, keepdim=True), power_of_two)
+        return to_fp8(x / scales, scaled=True), scales
     tiles = _pad(x.float(), 0).unflatten(0, (-1, TILE))  # [Mb, 128, K]
     scales = scales_from_amax(tiles.abs().amax(1), power_of_two)
-    return _cut(to_fp8(tiles / scales[:, None]).flatten(0, 1), {0: x.shape[0]}), scales
+    return _cut(to_fp8(tiles / scales[:, None], scaled=True).flatten(0, 1), {0: x.shape[0]}), scales
 
 
 def group_tiles(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,40 +137,41 @@ def quantize_128x1_grouped(
     x [N, K] -> (data [N, K], scales [sum_e ceil(counts_e/128), K])."""
     tile, tiles_per_group = group_tiles(counts.to(x.device))
     amax = x.new_zeros(int(tiles_per_group.sum()), x.shape[1], dtype=torch.float32)
-    amax.scatter_reduce_(0, tile[:, None].expand(-1, x.shape[1]), x.float().abs(), "amax")
+    x = x.float()
+    amax.scatter_reduce_(0, tile[:, None].expand(-1, x.shape[1]), x.abs(), "amax")
     scales = scales_from_amax(amax, power_of_two)
-    return to_fp8(x.float() / scales[tile]), scales
+    return to_fp8(x / scales.index_select(0, tile), scaled=True), scales
 
 
 def quantize_per_tensor(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale for the whole tensor: the coarse baseline that fine-grained scaling improves on."""
     scale = scales_from_amax(x.float().abs().amax(), power_of_two)
-    return to_fp8(x.float() / scale), scale
+    return to_fp8(x.float() / scale, scaled=True), scale
 
 
 def dequantize_1x128(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     per_element = scales.repeat_interleave(TILE, -1)[..., : data.shape[-1]]
-    return (data.float() * per_element).to(dtype)
+    return (fp8_to_float(data) * per_element).to(dtype)
 
 
 def dequantize_128x128(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     per_element = scales.repeat_interleave(TILE, -2).repeat_interleave(TILE, -1)
-    return (data.float() * per_element[..., : data.shape[-2], : data.shape[-1]]).to(dtype)
+    return (fp8_to_float(data) * per_element[..., : data.shape[-2], : data.shape[-1]]).to(dtype)
 
 
 def dequantize_128x1(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (data.float() * scales.repeat_interleave(TILE, 0)[: data.shape[0]]).to(dtype)
+    return (fp8_to_float(data) * scales.repeat_interleave(TILE, 0)[: data.shape[0]]).to(dtype)
 
 
 def dequantize_128x1_grouped(
     data: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     tile, _ = group_tiles(counts.to(data.device))
-    return (data.float() * scales[tile]).to(dtype)
+    return (fp8_to_float(data) * scales[tile]).to(dtype)
 
 
 def dequantize_per_tensor(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (data.float() * scale).to(dtype)
+    return (fp8_to_float(data) * scale).to(dtype)
 
 
 def fp8_to_uint8(data: torch.Tensor) -> torch.Tensor:
