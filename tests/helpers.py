@@ -1,6 +1,24 @@
 """Helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
 
+from contextlib import contextmanager
+
+import torch.distributed as dist
+
 from moetron.config import ModelConfig
+
+
+@contextmanager
+def world_of_one():
+    """A single-rank gloo process group for in-process tests; an existing one (a Trainer's) is reused, and only
+    a group created here is destroyed here."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def small_model_config(**overrides) -> ModelConfig:

@@ -33,6 +33,7 @@ class Runtime:
     world_size: int
     local_rank: int
     object_group: dist.ProcessGroup | None  # gloo group for *_object collectives (None: the world group)
+    owns_group: bool = False  # start() created the process group (a bare process): its user ends it
 
     @property
     def backend(self) -> str:
@@ -73,7 +74,8 @@ def start(requested: str, timeout_minutes: float = 10.0) -> Runtime:
     if is_gpu(device):
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         device_id = device if is_gpu(device) else None
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend_of(device), timeout=timeout, device_id=device_id)
@@ -84,7 +86,7 @@ def start(requested: str, timeout_minutes: float = 10.0) -> Runtime:
     if world_backend != backend_of(device) and dist.get_world_size() > 1:
         raise ValueError(f"the process group uses {world_backend}, but device {device} needs {backend_of(device)}")
     object_group = dist.new_group(backend="gloo", timeout=timeout) if world_backend != "gloo" else None
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank, object_group)
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank, object_group, owns_group)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers import world_of_one
 from moetron.parallel import PipelineExecutor, WeightGradStore, build_schedule
 from test_pipeline_executor import DIM, Block, make_loss
 from torch import nn
@@ -28,9 +28,8 @@ def make_batch():
 
 @pytest.fixture
 def one_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with world_of_one():
+        yield
 
 
 class RecordingStore(WeightGradStore):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers import world_of_one
 from moetron.parallel import ChunkBackward, PipelineExecutor, build_schedule
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
@@ -154,9 +154,8 @@ def test_an_ordinary_backward_still_computes_everything(kernel):
 
 @pytest.fixture
 def one_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with world_of_one():
+        yield
 
 
 def test_zb1p_defers_the_fp8_wgrad_and_matches_the_unsplit_backward(one_rank, kernel, monkeypatch):

@@ -675,6 +675,8 @@ class Trainer:
         finally:
             if hasattr(self, "run_lock"):
                 self.run_lock.release()  # whatever ended the run, another trainer may now take run.dir
+            if self.runtime.owns_group and dist.is_initialized():
+                dist.destroy_process_group()  # a group this trainer created is not left behind
 
     def _fit(self) -> dict | None:
         if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM, ^C)
