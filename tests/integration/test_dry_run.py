@@ -60,7 +60,8 @@ def test_dry_run_of_a_rank_of_2048_matches_the_planner(rank):
 
 def test_cli_prints_every_item_beside_the_planner_and_rejects_a_rank_outside_the_world(tmp_path):
     base = [sys.executable, "-m", "moetron.train", "model=tiny", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
-            "parallel.schedule=dualpipe", "parallel.ranks_per_node=2", "run.dry_run=true", f"run.dir={tmp_path}"]
+            "parallel.schedule=dualpipe", "parallel.ranks_per_node=2", "train.micro_batch_size=1", "run.dry_run=true",
+            f"run.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*base, "run.rank=3"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -49,7 +49,10 @@ class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # init_weights sets every value; _weight skips nn.Embedding's own normal_ (on meta, a Python
+        # decomposition whose first use imports ~30 MB and ~2 s of torch._refs on every rank)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(
             Block(cfg, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)
         )

@@ -4,13 +4,15 @@
     torchrun --nproc-per-node=4 -m moetron.train parallel=cpu_2x2        # DualPipe pp 2 x dp 2, EP 2
 
 One loop for every layout (nanoGPT's habit; one process is the smallest layout, not another class):
-- set-up: the device and process group (moetron.device), the mesh, the model built with the run's seed and
-  cut to this rank's stages and experts by `parallelize`, ZeRO-1 AdamW over what this rank holds;
-- a step: this replica's slice of the (ramped) batch runs through the PipelineExecutor's schedule; losses,
-  balance losses and expert loads are summed over the world, so every rank makes the same decision; dense
-  gradients are averaged over the DP group, routed-expert gradients over the expert-data-parallel group;
-  the global grad norm counts each parameter once; the step is judged (NaN/Inf, loss and grad-norm spikes)
-  and applied, skipped or rolled back; the aux-loss-free bias update follows the optimizer step;
+- set-up: the device and process group (moetron.device), the mesh, the full model built on the meta device
+  and cut to this rank's stages and experts by `parallelize`, then only that part materialized in
+  train.param_dtype and initialized as one process would (model/init.py); ZeRO-1 AdamW (train/zero.py);
+- a step: this replica's slice of the (ramped) batch runs through the PipelineExecutor's schedule, gradients
+  accumulating in FP32 (`main_grad`); losses, balance losses and expert loads are summed over the world, so
+  every rank makes the same decision; each gradient is reduce-scattered over the ranks holding its tensor
+  (DP or expert-DP replicas, DualPipe's mirror copy, the embedding's copy) and averaged over DP; the global
+  grad norm counts each element once (its shard); the step is judged (NaN/Inf, loss and grad-norm spikes)
+  and applied (shard update, all-gather), skipped or rolled back; the aux-loss-free bias update follows;
 - checkpoints in the one format of every layout (checkpoint/state.py), so any run resumes in any layout;
 - rank 0 alone writes metrics, events and the progress bar.
 """

@@ -123,7 +123,7 @@ class Bucket:
         """Sum the holders' gradients into this member's shard (reduce-scatter; all-reduce unsharded)."""
         if self.sharded:
             out = torch.empty(self.shard, dtype=self.grad.dtype, device=self.grad.device)
-            dist.reduce_scatter_tensor(out, self.grad, group=self.group.group)
+            reduce_scatter(out, self.grad, self.group.group)
             self.my_grad().copy_(out)
         elif len(self.group.ranks) > 1:
             dist.all_reduce(self.grad, group=self.group.group)
@@ -238,6 +238,26 @@ class ZeroAdamW:
     def moment_bytes(self) -> int:
         size = torch.empty((), dtype=self.moment_dtype).element_size()
         return 2 * size * sum(self._shards())
+
+
+def reduce_scatter(out: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """out <- member i's 1/n of the sum of `flat` over the group (a reduce-scatter). NCCL's moves (n-1)/n of
+    the buffer per rank; gloo's reduce_scatter is an all-reduce underneath (twice the bytes), so on gloo this
+    runs the ring itself: n-1 steps, each passing one partial sum to the next member."""
+    if dist.get_backend(group) != "gloo":
+        dist.reduce_scatter_tensor(out, flat, group=group)
+        return
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    chunks = flat.view(n, -1)
+    succ, pred = dist.get_global_rank(group, (me + 1) % n), dist.get_global_rank(group, (me - 1) % n)
+    partial = chunks[(me - 1) % n].clone()
+    for k in range(n - 1):  # after step k this rank holds the partial sum of chunk me - k - 2 (mod n)
+        received = torch.empty_like(partial)
+        ops = [dist.P2POp(dist.isend, partial, succ, group), dist.P2POp(dist.irecv, received, pred, group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        partial = received.add_(chunks[(me - k - 2) % n])
+    out.copy_(partial)
 
 
 def _runs(params: list[tuple[str, torch.nn.Parameter]], limit: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
