@@ -12,10 +12,19 @@ install:
 	# torch first and pinned: the CPU build from the local wheel, never a CUDA build from the registry.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[test,wandb,mpi]"
+	# Test-only: Megatron-Core's indexed dataset, for the data interop tests (its CUDA deps are not needed).
+	$(PY) -m pip install --quiet --no-deps megatron-core==0.16.1 packaging
 	$(MAKE) corpus
 
+# The default data: a corpus from the Python standard library, a byte-level BPE tokenizer trained on it, and
+# both splits prepared into memory-mapped Megatron-format shards. Every step keeps what is already built.
 corpus:
 	$(PY) -m moetron.data.corpus data/corpus
+	$(PY) -m moetron.data.train_tokenizer data/corpus/train.jsonl --out data/corpus/tokenizer.json --vocab-size 4096
+	$(PY) -m moetron.data.prepare data/corpus/train.jsonl --tokenizer data/corpus/tokenizer.json \
+		--out data/corpus/prepared/train --shard-mb 4 --quiet
+	$(PY) -m moetron.data.prepare data/corpus/val.jsonl --tokenizer data/corpus/tokenizer.json \
+		--out data/corpus/prepared/val --quiet
 
 # The embedded distributed default: 4 CPU processes acting as 2 nodes x 2 ranks (parallel/cpu_2x2.yaml):
 # DualPipe pp=2 x ZeRO-1 dp=2, EP=2 across the two nodes with node-limited routing, MTP on, and FP8
@@ -44,6 +53,7 @@ bench:
 	$(PY) benchmarks/fp8_loss.py --cli --concurrent --threads 1 --steps 200
 	$(PY) benchmarks/plan_vs_report.py
 	$(PY) benchmarks/plan_vs_measured.py --steps 12 --layout both
+	OMP_NUM_THREADS=1 $(PY) benchmarks/data_loader.py
 
 # A real two-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing), the Slurm
 # tests on it (opt-in: `make test` skips them), then the cluster is stopped whatever the result.

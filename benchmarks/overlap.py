@@ -17,8 +17,8 @@ Three set-ups:
                           factor so the modelled communication of a pair is --comm-ratio x its measured
                           compute); the compute is this CPU's, and 4 ranks on 2 cores are bound by the cores
                           (the CPU ceiling below says how far);
-  link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate holding its side's compute
-                          token, and so does the attention core (rate: --compute-scale x slower than this CPU's
+  link_and_compute_model  also comm/compute_model.py: every GEMM sleeps flops / rate while its side of the pair
+                          runs, and so does the attention core (rate: --compute-scale x slower than this CPU's
                           compute of the pair), so the cores no longer bound the
                           pair and what is measured is what the schedule hides, as on GPUs.
 The default --comm-ratio 2/3 gives each chunk's all-to-alls the time the forward chunk computes (backward
@@ -45,6 +45,22 @@ Writes benchmarks/results/overlap.json, a flat JSON object:
   dualpipe_<t>_sequential_ms, dualpipe_<t>_overlapped_ms, dualpipe_step_ratio_<t>
                                         a whole DualPipe step (PP 2 x EP over the rest, --dualpipe-microbatches,
                                         one MoE block per stage) with sequential vs overlapped F&B
+  overlap_efficiency_stream_model       the pair on the stream model (comm/stream_model.py): the order in which
+                                        the overlapped pair's work reached one compute stream and one
+                                        communication stream, replayed with the compute model's kernel costs and
+                                        the link model's times (links scaled so that the pair communicates
+                                        comm_ratio x its modelled compute), each transfer one communication
+                                        kernel (as DeepEP's two-hop kernels); the worst rank. Independent of the
+                                        machine's load: it is what a GPU's streams would do with that order
+  overlap_efficiency_stream_model_hops  the same with the hops after the first issued by the consumer, after its
+                                        wait, as moetron's two-hop code does (flat dispatch: one hop, the same)
+  stream_model_sequential_efficiency    the sequential pair on the stream model (~0)
+  stream_model_crossings                stalls in which one side's compute queued behind the other side's wait
+  dualpipe_overlap_efficiency_stream_model, dualpipe_stream_model_*   the DualPipe steady state on the stream
+                                        model: the F&B pairs of one overlapped step (--stream-microbatches),
+                                        summed
+  stream_model_*_ms                     the modelled compute, communication and overlapped time of the worst rank
+With --stream-model-only only the stream-model keys are measured (minutes less, no timed runs).
 and per-rank timelines of the sub-steps of one overlapped pair: benchmarks/results/overlap.png (link model)
 and overlap_modelled.png (link and compute model).
 """
@@ -63,6 +79,7 @@ import torch.distributed as dist
 from moetron.comm import LinkModel, Recorder, Transport, new_ep_groups, world_ep_group
 from moetron.comm.compute_model import ComputeModel
 from moetron.comm.overlap import OverlappedForwardBackward, enable_overlap, sequential_forward_backward
+from moetron.comm.stream_model import StreamRecorder, crossings, replay
 from moetron.parallel.actions import Action, Op
 from moetron.parallel.executor import BackwardJob, ForwardJob
 from moetron.parallel.local import run_local
@@ -184,10 +201,11 @@ class Bench:
                     cpu_overlapped=med(cpu_o), start=start)
 
 
-def dualpipe_steps(args, device, models: dict) -> dict:
+def dualpipe_steps(args, device, models: dict, stream: tuple | None = None) -> dict:
     """DualPipe over PP 2 (rank pairs 2i, 2i+1) x EP (ranks of one pipeline position, across nodes): median
     seconds of a step with sequential and with overlapped F&B (alternating), for each entry of `models`
-    (name -> (link model or None, compute model or None))."""
+    (name -> (link model or None, compute model or None)); with `stream` (flops_per_s, link model) also the
+    F&B pairs of one overlapped step on the stream model ("stream_model": sums over the pairs)."""
     from moetron.parallel.executor import PipelineExecutor
     from moetron.parallel.schedules import build_schedule
 
@@ -206,9 +224,27 @@ def dualpipe_steps(args, device, models: dict) -> dict:
     g = torch.Generator().manual_seed(rank // 2)
     inputs = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
     targets = torch.randn(batch, SEQ, args.hidden, generator=g).to(device)
+    overlapped = OverlappedForwardBackward(transport)
     executors = [PipelineExecutor(schedule, stages, loss_fn, group=pp_group, forward_backward=hook)
-                 for hook in (sequential_forward_backward, OverlappedForwardBackward(transport))]
+                 for hook in (sequential_forward_backward, overlapped)]
     out = {}
+    if stream is not None:  # the steady state on the stream model: the F&B pairs of one step
+        flops_per_s, link = stream
+        streams, detach = stream_recording(args, flops_per_s, list(stages.values()), transport)
+        steady = build_schedule("dualpipe", 2, args.stream_microbatches)  # enough micro-batches for many pairs
+        recording = PipelineExecutor(steady, stages, loss_fn, group=pp_group,
+                                     forward_backward=_segment(overlapped, streams, "pair"))
+        rows = max(1, args.tokens // SEQ)
+        many = [torch.randn(rows * args.stream_microbatches, SEQ, args.hidden, generator=g).to(device) for _ in range(2)]
+        for _ in range(2):
+            streams.events.clear()
+            recording.step(*many)
+        detach()
+        out["stream_model"] = replay_segments(streams, "pair", link)
+        for m in stages.values():
+            m.zero_grad(set_to_none=True)
+    if not models:
+        return out
     for name, (link, compute) in models.items():
         times: list[list[float]] = [[], []]
         transport.link = link
@@ -234,6 +270,77 @@ def dualpipe_steps(args, device, models: dict) -> dict:
         out[name] = (statistics.median(times[0]), statistics.median(times[1]))
     transport.link = None
     return out
+
+
+def _segment(hook, streams: StreamRecorder, name: str):
+    """`hook` with its work recorded as a segment `name` of the stream model."""
+    def wrapped(forward, backward):
+        streams.mark(f"{name} start")
+        try:
+            return hook(forward, backward)
+        finally:
+            streams.mark(f"{name} end")
+    return wrapped
+
+
+def stream_recording(args, flops_per_s: float, modules: list[nn.Module], transport: Transport):
+    """A StreamRecorder fed by `transport` and by a compute model (no sleeping: only the enqueue order and the
+    modelled costs are wanted) attached to `modules`. Returns (streams, detach)."""
+    streams = StreamRecorder(LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6))
+    counter = ComputeModel(flops_per_s=flops_per_s, extra_flops={MLA: attention_core_flops},
+                           sleep=lambda seconds: None, streams=streams)
+    handles = [h for m in modules for h in counter.attach(m)]
+    transport.streams = streams
+
+    def detach():
+        transport.streams = None
+        for handle in handles:
+            handle.remove()
+    return streams, detach
+
+
+def replay_segments(streams: StreamRecorder, name: str, link: LinkModel) -> dict:
+    """Replay every segment `name` on the modelled streams; sums over them, and the crossings found."""
+    total = dict(compute=0.0, comm=0.0, makespan=0.0, crossings=0, segments=0)
+    for events in streams.segments(name):
+        result = replay(events, streams, link)
+        total["compute"] += result.compute
+        total["comm"] += result.comm
+        total["makespan"] += result.makespan
+        total["crossings"] += len(crossings(events, streams, link))
+        total["segments"] += 1
+    return total
+
+
+def stream_model(args, bench: Bench, flops_per_s: float, recorder: Recorder) -> dict:
+    """The default pair on the stream model: one sequential and one overlapped pair recorded, the links
+    scaled so that the pair's communication is comm_ratio x its modelled compute (as link_and_compute_model).
+    Returns this rank's replays and the link scale (the same on every rank)."""
+    streams, detach = stream_recording(args, flops_per_s, [bench.stage], bench.transport)
+    for _ in range(2):  # the second of each is kept
+        bench.pair(_segment(sequential_forward_backward, streams, "sequential"), recorder)
+        bench.pair(_segment(bench.overlapped, streams, "overlapped"), recorder)
+    streams.fused = False  # the hops after the first as moetron's two-hop code issues them: by the consumer
+    bench.pair(_segment(bench.overlapped, streams, "overlapped_hops"), recorder)
+    detach()
+    probe = LinkModel(args.ranks_per_node, latency_s=0.0)
+    unit = replay(streams.segment("sequential"), streams, probe)
+    ratio = torch.tensor([unit.comm, unit.compute], dtype=torch.float64)
+    dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    scale = ratio[0].item() / (args.comm_ratio * ratio[1].item())
+    link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
+    out = {"scale": scale}
+    for name in ("sequential", "overlapped", "overlapped_hops"):
+        result = replay(streams.segment(name), streams, link)
+        out[name] = dict(compute=result.compute, comm=result.comm, makespan=result.makespan,
+                         crossings=len(crossings(streams.segment(name), streams, link)), segments=1)
+    return out
+
+
+def gathered_stream_model(out: dict) -> list:
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, out)
+    return everything
 
 
 def _marked(run, recorder: Recorder, label: str):
@@ -276,19 +383,22 @@ def worker(rank: int, world: int, args, raw_path: str) -> None:
         torch.cuda.set_device(device)
     bench = Bench(args, device)
     out: dict = {}
+    timelines: dict = {}
+    timed = not args.stream_model_only
     recorder = bench.transport.recorder = Recorder()
     # gloo / NCCL as is
-    out["gloo"] = bench.measure(args.iters, recorder)
+    out["gloo"] = bench.measure(args.iters if timed else 1, recorder)
     # link model: the scale makes modelled communication ~ comm_ratio x the measured compute
     compute = out["gloo"]["sequential"] - out["gloo"]["comm"]
     scale = args.link_scale or link_scale(bench, recorder, compute, args.comm_ratio, args.ranks_per_node)
     link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale)
-    bench.transport.link = link
-    out["link_model"] = bench.measure(args.iters, recorder)
-    bench.transport.link = None
     out["link"] = dict(scale=scale, intra_gbps=link.intra_gbps * scale, inter_gbps=link.inter_gbps * scale,
                        latency_us=args.latency_us)
-    timelines = {"link_model": gathered(recorder, out["link_model"]["start"] - 1e-3)}
+    if timed:
+        bench.transport.link = link
+        out["link_model"] = bench.measure(args.iters, recorder)
+        bench.transport.link = None
+        timelines["link_model"] = gathered(recorder, out["link_model"]["start"] - 1e-3)
     # link and compute model: GEMMs charged at a modelled rate (compute_scale x slower than this CPU's own
     # compute of the pair), and the links scaled to comm_ratio x that modelled compute
     core = {MLA: attention_core_flops}
@@ -299,22 +409,30 @@ def worker(rank: int, world: int, args, raw_path: str) -> None:
         handle.remove()
     flops = max_over_ranks(counter.modelled_s)  # a pair's forward + backward FLOPs (at 1 FLOP/s)
     compute_model = ComputeModel(flops_per_s=flops / (args.compute_scale * compute), extra_flops=core)
-    handles = compute_model.attach(bench.stage)
-    modelled_compute = args.compute_scale * compute
-    scale_m = link_scale(bench, recorder, modelled_compute, args.comm_ratio, args.ranks_per_node)
-    link_m = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale_m)
-    bench.transport.link = link_m
-    out["link_and_compute_model"] = bench.measure(args.iters, recorder)
-    bench.transport.link = None
-    for handle in handles:
-        handle.remove()
-    out["compute_model"] = dict(tflops=compute_model.flops_per_s / 1e12, link_scale=scale_m,
-                                compute_scale=args.compute_scale)
-    timelines["link_and_compute_model"] = gathered(recorder, out["link_and_compute_model"]["start"] - 1e-3)
+    link_m = None
+    if timed:
+        handles = compute_model.attach(bench.stage)
+        modelled_compute = args.compute_scale * compute
+        scale_m = link_scale(bench, recorder, modelled_compute, args.comm_ratio, args.ranks_per_node)
+        link_m = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=scale_m)
+        bench.transport.link = link_m
+        out["link_and_compute_model"] = bench.measure(args.iters, recorder)
+        bench.transport.link = None
+        for handle in handles:
+            handle.remove()
+        out["compute_model"] = dict(tflops=compute_model.flops_per_s / 1e12, link_scale=scale_m,
+                                    compute_scale=args.compute_scale)
+        timelines["link_and_compute_model"] = gathered(recorder, out["link_and_compute_model"]["start"] - 1e-3)
+    # the stream model: the enqueue order of the pair, replayed on one compute and one communication stream
+    stream = stream_model(args, bench, compute_model.flops_per_s, recorder)
+    stream_link = LinkModel(args.ranks_per_node, latency_s=args.latency_us * 1e-6, scale=stream["scale"])
+    out["stream_model"] = gathered_stream_model(stream)
     bench.transport.recorder = None
     if args.dualpipe_steps and dist.get_world_size() % 2 == 0:
-        out["dualpipe"] = dualpipe_steps(args, device, {"gloo": (None, None), "link_model": (link, None),
-                                                        "link_and_compute_model": (link_m, compute_model)})
+        models = {"gloo": (None, None), "link_model": (link, None),
+                  "link_and_compute_model": (link_m, compute_model)} if timed else {}
+        out["dualpipe"] = dualpipe_steps(args, device, models, (compute_model.flops_per_s, stream_link))
+        out["dualpipe_stream_model"] = gathered_stream_model(out["dualpipe"].pop("stream_model"))
     if rank == 0:
         out["timelines"] = timelines
         out["device"] = str(device.type)
@@ -323,6 +441,31 @@ def worker(rank: int, world: int, args, raw_path: str) -> None:
 
 
 NAMES = ("gloo", "link_model", "link_and_compute_model")
+
+
+def stream_efficiency(t: dict) -> float:
+    return (t["compute"] + t["comm"] - t["makespan"]) / max(min(t["compute"], t["comm"]), 1e-12)
+
+
+def stream_model_keys(raw: dict) -> dict:
+    """The stream-model keys: efficiency of the worst rank, its modelled times, crossings over all ranks."""
+    out = {}
+    pair_ranks = raw["stream_model"]
+    for key, ranks in (("", [r["overlapped"] for r in pair_ranks]), ("dualpipe_", raw.get("dualpipe_stream_model"))):
+        if not ranks:
+            continue
+        worst = min(ranks, key=stream_efficiency)
+        out.update({f"{key}overlap_efficiency_stream_model": stream_efficiency(worst),
+                    f"{key}stream_model_compute_ms": 1e3 * worst["compute"],
+                    f"{key}stream_model_comm_ms": 1e3 * worst["comm"],
+                    f"{key}stream_model_overlapped_ms": 1e3 * worst["makespan"],
+                    f"{key}stream_model_crossings": sum(r["crossings"] for r in ranks),
+                    f"{key}stream_model_pairs": worst["segments"]})
+    out["stream_model_sequential_efficiency"] = min(stream_efficiency(r["sequential"]) for r in pair_ranks)
+    out["overlap_efficiency_stream_model_hops"] = min(stream_efficiency(r["overlapped_hops"]) for r in pair_ranks)
+    out["stream_model_hops_crossings"] = sum(r["overlapped_hops"]["crossings"] for r in pair_ranks)
+    out["stream_model_link_scale"] = pair_ranks[0]["scale"]
+    return out
 
 
 def efficiency(t: dict) -> tuple[float, float]:
@@ -351,7 +494,7 @@ def plot(ranks: list, title: str, path: Path) -> None:
             end = [m[3] for m in marks if m[1] == role and m[2].endswith("end")]
             if not begin or not end:
                 continue
-            waits = sorted((s[3], s[4]) for s in spans if s[1] == role and s[2] in ("wait", "token"))
+            waits = sorted((s[3], s[4]) for s in spans if s[1] == role and s[2] == "wait")
             cursor = begin[-1]
             for a, b in waits + [(end[-1], end[-1])]:  # compute = the thread's time outside waits
                 if a > cursor:
@@ -400,6 +543,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dualpipe-steps", type=int, default=3,
                         help="timed DualPipe steps (PP 2 x EP) with and without overlap; 0: skip")
     parser.add_argument("--dualpipe-microbatches", type=int, default=4)
+    parser.add_argument("--stream-microbatches", type=int, default=12,
+                        help="micro-batches of the DualPipe step recorded on the stream model (12: 9 F&B pairs per rank)")
+    parser.add_argument("--stream-model-only", action="store_true",
+                        help="only the stream model (pair and DualPipe steady state), no timed runs")
     parser.add_argument("--timeout", type=float, default=500.0)
     parser.add_argument("--out", default=str(RESULTS / "overlap.json"))
     args = parser.parse_args(argv)
@@ -427,9 +574,12 @@ def main(argv: list[str] | None = None) -> dict:
                   link_inter_gbps=raw["link"]["inter_gbps"], link_latency_us=raw["link"]["latency_us"],
                   cpu_count=os.cpu_count(), load_average=max(load_before, os.getloadavg()[0]))
     world = args.nodes * args.ranks_per_node
-    result.update(compute_model_tflops=raw["compute_model"]["tflops"],
-                  compute_model_link_scale=raw["compute_model"]["link_scale"], compute_scale=args.compute_scale)
-    for name in NAMES:
+    result.update(stream_model_keys(raw))
+    if "compute_model" in raw:
+        result.update(compute_model_tflops=raw["compute_model"]["tflops"],
+                      compute_model_link_scale=raw["compute_model"]["link_scale"], compute_scale=args.compute_scale)
+    names = [name for name in NAMES if name in raw and "overlapped" in raw[name]]
+    for name in names:
         t = raw[name]
         eff, compute = efficiency(t)
         # The cores bound the overlapped pair: every rank's CPU work (compute, and the bytes gloo moves) fits
@@ -450,10 +600,12 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for name, suffix, what in (("link_model", ".png", "link model, real CPU compute"),
                                ("link_and_compute_model", "_modelled.png", "link and compute model")):
+        if name not in raw["timelines"]:
+            continue
         plot(raw["timelines"][name], f"Overlapped F&B of one MoE block, {args.nodes} nodes x {args.ranks_per_node} "
              f"ranks, {what}: efficiency {result[f'overlap_efficiency_{name}']:.2f}, step ratio "
              f"{result[f'step_ratio_{name}']:.2f}", Path(str(Path(args.out).with_suffix("")) + suffix))
-    for name in NAMES:
+    for name in names:
         print(f"{name:>22}: compute {result[f'{name}_compute_ms']:.1f} ms, all-to-all {result[f'{name}_comm_ms']:.1f} ms, "
               f"sequential {result[f'{name}_sequential_ms']:.1f} ms, overlapped {result[f'{name}_overlapped_ms']:.1f} ms, "
               f"efficiency {result[f'overlap_efficiency_{name}']:.3f} (CPU ceiling "
@@ -461,6 +613,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "dualpipe_step_ratio_link_model" in result:
         print(f"DualPipe step (PP 2 x EP {world // 2}, {args.dualpipe_microbatches} micro-batches), overlapped / sequential: "
               + ", ".join(f"{name} {result[f'dualpipe_step_ratio_{name}']:.3f}" for name in NAMES))
+    print(f"stream model, sequential pair: efficiency {result['stream_model_sequential_efficiency']:.3f}; "
+          f"overlapped pair with the later hops issued by the consumer (not one kernel): "
+          f"{result['overlap_efficiency_stream_model_hops']:.3f}, crossings {result['stream_model_hops_crossings']}")
+    for key in ("", "dualpipe_"):
+        if f"{key}overlap_efficiency_stream_model" in result:
+            print(f"stream model ({'DualPipe steady state: the F&B pairs of a step' if key else 'the pair'}): "
+                  f"efficiency {result[f'{key}overlap_efficiency_stream_model']:.3f} (worst rank), crossings "
+                  f"{result[f'{key}stream_model_crossings']}")
     return result
 
 

@@ -1,32 +1,47 @@
-"""How long does a training step take under each pipeline schedule, and does the simulator know?
+"""How long does a training step take under each pipeline schedule, against the formula and the peers?
 
 Spawns `--pp` gloo ranks on this machine. Every stage's forward, backward-for-input and
 backward-for-weights *sleep* for the configured times, so 4-8 ranks share 2 cores without the
-timings depending on the CPU. For each of our schedules (1F1B, ZB1P, DualPipe, DualPipeV) it
-measures the real step time, and simulates the same schedule with the same costs; then it runs
-torch.distributed.pipelining's Schedule1F1B, ScheduleZBVZeroBubble and ScheduleDualPipeV on the
-same sleeping stages, for a side-by-side step time.
+timings depending much on the CPU. For each of our schedules (1F1B, ZB1P, DualPipe, DualPipeV) it
+measures the real step time, gives the DeepSeek-V3 report's formula (section 3.2.1, Table 2: step =
+work + bubble) and simulates the same schedule with the measured costs and the executor's measured
+per-transfer time; then it runs torch.distributed.pipelining's Schedule1F1B, ScheduleZBVZeroBubble and
+ScheduleDualPipeV, and, given `--dualpipe-repo` (a checkout of github.com/deepseek-ai/DualPipe kept
+outside this project), DeepSeek's own DualPipe, on the same sleeping stages. All schedules are timed
+in turns (one step of each, `--steps` times over), so the load of other jobs falls on all alike.
 
 Work per rank is the same everywhere: `--chunks` micro-batches x (f + b). 1F1B, ZB1P and DualPipe
 cut the model into PP stages of cost (f, b, w); the V-shaped schedules (our DualPipeV, torch's ZBV
 and DualPipeV) cut it into 2 PP stages of half that cost, two per rank.
 
-Writes benchmarks/results/pipeline_schedules.json, a flat JSON object:
+    python benchmarks/pipeline_schedules.py                        # PP 4, 8 micro-batches
+    python benchmarks/pipeline_schedules.py --pp 8 --chunks 20     # -> pipeline_schedules_pp8_c20.json
+
+Writes benchmarks/results/pipeline_schedules.json (other sizes: pipeline_schedules_pp<P>_c<C>.json),
+a flat JSON object:
   pp, chunks, f_ms, b_ms, w_ms, steps          the configuration (b is the FULL backward)
   work_per_rank_s                               chunks x (f + b): compute time each rank must do
   measured_f_ms, measured_b_input_ms, measured_w_ms, measured_b_ms
                                                 what one PP-stage chunk's F, B, W and BW really take
-                                                (sleep plus our autograd code), measured on rank 0
-  measured_hop_ms                               one-way time of an activation between two ranks
-  ours_<s>_real_step_s, ours_<s>_sim_step_s      measured (median of `steps`) and simulated step time;
-                                                the simulation uses the measured chunk costs and hop
-  ours_<s>_real_bubble_s, ours_<s>_sim_bubble_s  step time minus work_per_rank_s (max over ranks for sim)
-  ours_<s>_real_vs_sim_error                     |real - sim| / sim for the step time
-  torch_<s>_real_step_s, torch_<s>_real_bubble_s torch.distributed.pipelining, measured
-  torch_<s>_error                                why a torch schedule could not run (only then)
+                                                (sleep plus our autograd code), measured alone on rank 0
+  measured_hop_ms                               one-way time of an activation between two ranks, sent
+                                                as the executor sends it (one batch, no header)
+  <who>_<s>_formula_step_s                      work + the report's bubble for that schedule
+  <who>_<s>_real_step_s, <who>_<s>_vs_formula   measured: the best of `steps` steps (the one the other
+                                                jobs on this shared machine disturbed least); real / formula - 1
+  <who>_<s>_median_step_s                       the median of those steps
+  <who>_<s>_cpu_ms_per_step                     CPU time of one step, all threads of a rank's process
+                                                (median over steps, mean over ranks): what the schedule's
+                                                code itself costs, which the load of other jobs hardly changes
+  ours_<s>_sim_step_s, ours_<s>_real_vs_sim_error
+                                                simulated step; |median - sim| / sim. The simulation's
+                                                costs: what the sleeps really took in that run (the
+                                                machine is shared: they oversleep) plus our code's own
+                                                time per chunk, and measured_hop per transfer
+  <who>_<s>_error                               why a peer's schedule could not run (only then)
   max_real_vs_sim_error                          the largest ours_<s>_real_vs_sim_error
-with <s> in 1f1b, zb1p, dualpipe, dualpipev (ours) and 1f1b, zbv, dualpipev (torch);
-and benchmarks/results/pipeline_schedules.png (step times, real and simulated, per schedule).
+with <who>_<s> in ours_{1f1b,zb1p,dualpipe,dualpipev}, torch_{1f1b,zbv,dualpipev}, deepseek_dualpipe;
+and the same name with .png (step times: real, simulated, formula, per schedule).
 """
 
 from __future__ import annotations
@@ -51,41 +66,51 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS, DIM = 4, 16
 OURS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 TORCH = {"1f1b": "Schedule1F1B", "zbv": "ScheduleZBVZeroBubble", "dualpipev": "ScheduleDualPipeV"}
+# The report's bubble formula behind each schedule (ZBV has none there).
+FORMULA = {"ours_1f1b": "1f1b", "ours_zb1p": "zb1p", "ours_dualpipe": "dualpipe", "ours_dualpipev": "dualpipev",
+           "torch_1f1b": "1f1b", "torch_dualpipev": "dualpipev", "deepseek_dualpipe": "dualpipe"}
+
+
+def _sleep(seconds: float, log: list[float]) -> None:
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    log.append(time.perf_counter() - t0)  # what the sleep really took on this loaded machine
 
 
 class _SleepInput(torch.autograd.Function):
     """Forward sleeps f; backward (the input-gradient work) sleeps b - w."""
 
     @staticmethod
-    def forward(ctx, x, f, b_input):
-        ctx.b_input = b_input
-        time.sleep(f)
+    def forward(ctx, x, f, b_input, log):
+        ctx.b_input, ctx.log = b_input, log
+        _sleep(f, log["f"])
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(ctx.b_input)
-        return grad, None, None
+        _sleep(ctx.b_input, ctx.log["b_input"])
+        return grad, None, None, None
 
 
 class _SleepWeight(torch.autograd.Function):
     """Contributes zero to the output; its backward (the weight-gradient work) sleeps w."""
 
     @staticmethod
-    def forward(ctx, weight, w):
-        ctx.w = w
+    def forward(ctx, weight, w, log):
+        ctx.w, ctx.log = w, log
         return weight.detach() * 0
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(ctx.w)
-        return grad, None
+        _sleep(ctx.w, ctx.log["w"])
+        return grad, None, None
 
 
 class SleepStage(nn.Module):
     def __init__(self, f: float, b: float, w: float):
         super().__init__()
         self.f, self.b_input, self.w = f, b - w, w
+        self.log: dict[str, list[float]] = {"f": [], "b_input": [], "w": []}
         # Two parameters ahead of the input-gradient sleep keep it on the activation path even on
         # the first stage, whose input (data) needs no gradient.
         self.scale = nn.Parameter(torch.ones(DIM))
@@ -93,8 +118,8 @@ class SleepStage(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _SleepInput.apply(x * self.scale + self.shift, self.f, self.b_input)
-        return h + _SleepWeight.apply(self.weight, self.w)
+        h = _SleepInput.apply(x * self.scale + self.shift, self.f, self.b_input, self.log)
+        return h + _SleepWeight.apply(self.weight, self.w, self.log)
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,19 +131,29 @@ def stage_costs(args, v_shaped: bool) -> tuple[float, float, float]:
     return tuple(scale * t / 1000 for t in (args.f, args.b, args.w))
 
 
-def timed(run, steps: int) -> float:
-    run()  # warm-up (torch's schedules infer shapes on their first step)
-    times = []
+def timed_in_turns(runs: dict, steps: int) -> dict[str, tuple[float, float]]:
+    """(best, median) step time of each run, measured in turns (one step of each, `steps` times over), so
+    that the load of other jobs on this shared machine falls on every schedule alike."""
+    for run in runs.values():
+        run()  # warm-up (torch's schedules infer shapes, ours learns them, on the first step)
+    times: dict[str, list[float]] = {who: [] for who in runs}
+    cpu: dict[str, list[float]] = {who: [] for who in runs}
     for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        run()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for who, run in runs.items():
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            run()
+            c1 = time.process_time()
+            dist.barrier()
+            times[who].append(time.perf_counter() - t0)
+            cpu[who].append(c1 - c0)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {who: statistics.median(c) for who, c in cpu.items()})
+    return {who: (min(t), statistics.median(t), statistics.mean(r[who] for r in every)) for who, t in times.items()}
 
 
-def ours(name: str, args) -> float:
+def ours(name: str, args):
+    """A step of our schedule `name` on sleeping stages, and the stages (their sleep logs)."""
     rank = dist.get_rank()
     schedule = build_schedule(name, args.pp, args.chunks)
     f, b, w = stage_costs(args, v_shaped=schedule.num_stages > args.pp)
@@ -126,10 +161,18 @@ def ours(name: str, args) -> float:
     executor = PipelineExecutor(schedule, stages, loss_fn)
     x = torch.randn(args.chunks * ROWS, DIM)
     y = torch.randn(args.chunks * ROWS, DIM)
-    return timed(lambda: executor.step(x, y), args.steps)
+    return lambda: executor.step(x, y), stages.values()
 
 
-def theirs(name: str, args) -> float:
+def slept(stages) -> dict[str, float]:
+    """Mean time each sleep really took in the run, over all ranks (the loaded machine oversleeps)."""
+    mine = {k: [sum(t for m in stages for t in m.log[k]), sum(len(m.log[k]) for m in stages)] for k in ("f", "b_input", "w")}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: sum(r[k][0] for r in every) / max(1, sum(r[k][1] for r in every)) for k in mine}
+
+
+def theirs(name: str, args):
     import torch.distributed.pipelining as pipelining
 
     rank, pp = dist.get_rank(), args.pp
@@ -148,16 +191,18 @@ def theirs(name: str, args) -> float:
         kwargs = {"target": y, "losses": []} if last else {}
         schedule.step(*([x] if first else []), **kwargs)
 
-    return timed(run, args.steps)
+    return run
 
 
-def measure_costs(f: float, b: float, w: float, repeats: int = 5) -> dict[str, float]:
-    """What F, B, W and BW of a sleeping stage really take through our backward code (s)."""
+def measure_costs(f: float, b: float, w: float, repeats: int = 10) -> dict:
+    """What F, B, W and BW of a sleeping stage really take through our backward code (s, medians after a
+    first call that warms autograd up), and ("slept") how long its sleeps took meanwhile: the difference
+    is our code's own time per chunk."""
     stage = SleepStage(f, b, w)
     x = torch.randn(ROWS, DIM, requires_grad=True)
     grad = torch.ones(ROWS, DIM)
     times: dict[str, list[float]] = {"f": [], "b_input": [], "w": [], "b": []}
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         out = stage(x)
         t1 = time.perf_counter()
@@ -166,42 +211,79 @@ def measure_costs(f: float, b: float, w: float, repeats: int = 5) -> dict[str, f
         t2 = time.perf_counter()
         split.weights()
         t3 = time.perf_counter()
-        ChunkBackward(get_gradient_edge(stage(x)), grad, [x]).full()
-        t4 = time.perf_counter()
         times["f"].append(t1 - t0)
         times["b_input"].append(t2 - t1)
         times["w"].append(t3 - t2)
-        times["b"].append(t4 - t3 - (t1 - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    slept = {k: statistics.median(v[-repeats:]) for k, v in stage.log.items()}
+    for _ in range(repeats + 1):
+        out = stage(x)
+        t0 = time.perf_counter()
+        ChunkBackward(get_gradient_edge(out), grad, [x]).full()
+        times["b"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[1:]) for k, v in times.items()} | {"slept": slept}
 
 
-def measure_hop(repeats: int = 20) -> float:
-    """One-way time of an activation between ranks 0 and 1 (header + payload, as our P2P sends)."""
+def measure_hop(repeats: int = 40) -> float:
+    """One-way time of an activation between ranks 0 and 1, as the executor sends it: the payload in
+    one batch, its receive already posted."""
     rank = dist.get_rank()
-    header, payload = torch.zeros(10, dtype=torch.int64), torch.randn(ROWS, DIM)
+    payload = torch.randn(ROWS, DIM)
 
-    def send(to: int) -> None:
-        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, header, to, tag=1),
-                                         dist.P2POp(dist.isend, payload, to, tag=2)]):
+    def transfer(op, peer: int) -> None:
+        for w in dist.batch_isend_irecv([dist.P2POp(op, payload, peer, tag=2)]):
             w.wait()
 
-    def recv(frm: int) -> None:
-        for tag, t in ((1, header), (2, payload)):
-            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, frm, tag=tag)]):
-                w.wait()
-
     dist.barrier()
-    t0 = time.perf_counter()
+    trips = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         if rank == 0:
-            send(1)
-            recv(1)
+            transfer(dist.isend, 1)
+            transfer(dist.irecv, 1)
         elif rank == 1:
-            recv(0)
-            send(0)
-    hop = (time.perf_counter() - t0) / (2 * repeats)
+            transfer(dist.irecv, 0)
+            transfer(dist.isend, 0)
+        trips.append(time.perf_counter() - t0)
     dist.barrier()
-    return hop
+    return statistics.median(trips) / 2  # the median: a round trip now and then waits for a busy core
+
+
+def deepseek(args):
+    """DeepSeek's own DualPipe (github.com/deepseek-ai/DualPipe, at `--dualpipe-repo`) on CPU: its CUDA
+    device checks and receive buffers pointed at the CPU, nothing else changed."""
+    sys.path.insert(0, args.dualpipe_repo)
+    import dualpipe
+    import dualpipe.comm as ds_comm
+
+    torch.cuda.current_device = lambda: "cpu"  # its stage-device check; this process only
+    ds_comm.build_from_tensor_shapes = lambda: [
+        torch.empty(shape, dtype=ds_comm.TENSOR_DTYPE, requires_grad=True) for shape in ds_comm.TENSOR_SHAPES]
+    dualpipe.set_p2p_tensor_shapes([(ROWS, DIM)])
+    dualpipe.set_p2p_tensor_dtype(torch.float32)
+    rank = dist.get_rank()
+    f, b, w = stage_costs(args, v_shaped=False)
+    model = dualpipe.DualPipe((SleepStage(f, b, w), SleepStage(f, b, w)))
+    x = torch.randn(args.chunks // 2 * ROWS, DIM)
+    y = torch.randn(args.chunks // 2 * ROWS, DIM)
+    end = rank in (0, args.pp - 1)
+
+    def run():
+        model.step(*([x] if end else []), num_chunks=args.chunks, criterion=loss_fn if end else None,
+                   labels=[y] if end else [])
+
+    return run
+
+
+def formula_step(name: str, args) -> float:
+    """Work per rank plus the report's bubble (section 3.2.1, Table 2; B is the full backward, an F&B
+    pair of sleeping stages overlaps nothing, so F&B = F + B). DualPipeV is DualPipe over its 2 PP
+    half-size stages."""
+    f, b, w = (t / 1000 for t in (args.f, args.b, args.w))
+    p = args.pp
+    bubble = {"1f1b": (p - 1) * (f + b), "zb1p": (p - 1) * (f + b - 2 * w),
+              "dualpipe": (p / 2 - 1) * ((f + b) + b - 3 * w),
+              "dualpipev": (p - 1) * ((f + b) + b - 3 * w) / 2}[name]
+    return args.chunks * (f + b) + bubble
 
 
 def worker(rank: int, args, port: int, out_path: str) -> None:
@@ -213,14 +295,24 @@ def worker(rank: int, args, port: int, out_path: str) -> None:
         for v_shaped in (False, True):
             results[f"costs_v{int(v_shaped)}"] = measure_costs(*stage_costs(args, v_shaped))
     dist.barrier()
+    runs, logs = {}, {}
     for name in OURS:
-        results[f"ours_{name}"] = ours(name, args)
-    for name in TORCH:
+        runs[f"ours_{name}"], logs[name] = ours(name, args)
+    peers = [(f"torch_{name}", lambda name=name: theirs(name, args)) for name in TORCH]
+    if args.dualpipe_repo and args.pp % 2 == 0:
+        peers.append(("deepseek_dualpipe", lambda: deepseek(args)))
+    for who, build in peers:
         try:
-            results[f"torch_{name}"] = theirs(name, args)
-        except Exception as err:  # a schedule torch cannot run here is reported, not fatal
-            results[f"torch_{name}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            break  # a failed torch schedule can leave messages in flight; stop comparing
+            run = build()
+            run()  # a peer that cannot run here fails now, not in the measured turns
+            runs[who] = run
+        except Exception as err:  # reported, not fatal
+            results[f"{who}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            if who.startswith("torch"):
+                break  # a failed torch schedule can leave messages in flight; stop comparing
+    results |= timed_in_turns(runs, args.steps)
+    for name, stages in logs.items():
+        results[f"slept_{name}"] = slept(stages)
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -230,12 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pp", type=int, default=4, help="pipeline ranks (processes)")
     parser.add_argument("--chunks", type=int, default=8, help="micro-batches per step (>= 2 pp)")
-    parser.add_argument("--f", type=float, default=30.0, help="forward of one stage, ms")
-    parser.add_argument("--b", type=float, default=60.0, help="full backward of one stage, ms")
-    parser.add_argument("--w", type=float, default=20.0, help="weight-gradient part of b, ms")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per schedule (after one warm-up)")
-    parser.add_argument("--out", default=str(RESULTS / "pipeline_schedules.json"))
+    parser.add_argument("--f", type=float, default=20.0, help="forward of one stage, ms")
+    parser.add_argument("--b", type=float, default=40.0, help="full backward of one stage, ms")
+    parser.add_argument("--w", type=float, default=0.0, help="weight-gradient part of b, ms (0: no W split)")
+    parser.add_argument("--steps", type=int, default=7, help="measured steps per schedule (after one warm-up)")
+    parser.add_argument("--dualpipe-repo", default=None,
+                        help="a checkout of github.com/deepseek-ai/DualPipe (outside this project) to compare with")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/pipeline_schedules[_pp<P>_c<C>].json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "pipeline_schedules" + ("" if (args.pp, args.chunks) == (4, 8) else f"_pp{args.pp}_c{args.chunks}")
+        args.out = str(RESULTS / f"{name}.json")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -251,68 +348,67 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"pp": args.pp, "chunks": args.chunks, "f_ms": args.f, "b_ms": args.b, "w_ms": args.w,
                  "steps": args.steps, "work_per_rank_s": work, "measured_hop_ms": 1000 * raw["hop"]}
     for key, v in raw["costs_v0"].items():
-        out[f"measured_{key}_ms"] = 1000 * v
+        if key != "slept":
+            out[f"measured_{key}_ms"] = 1000 * v
     errors = []
     for name in OURS:
         schedule = build_schedule(name, args.pp, args.chunks)
-        measured = raw[f"costs_v{int(schedule.num_stages > args.pp)}"]
-        costs = Costs(f=measured["f"], b=measured["b_input"] + measured["w"], w=measured["w"], p2p=raw["hop"])
+        # What the sleeps really took in this run, plus our code's own time per chunk (measured alone).
+        alone = raw[f"costs_v{int(schedule.num_stages > args.pp)}"]
+        cost = {k: raw[f"slept_{name}"][k] + max(0.0, alone[k] - alone["slept"][k]) for k in ("f", "b_input", "w")}
+        costs = Costs(f=cost["f"], b=cost["b_input"] + cost["w"], w=cost["w"], p2p=raw["hop"])
         sim = simulate(schedule, costs)
-        real = raw[f"ours_{name}"]
+        real = raw[f"ours_{name}"][1]  # the median step: the simulation's costs are the run's mean ones
         error = abs(real - sim.makespan) / sim.makespan
         errors.append(error)
-        out |= {f"ours_{name}_real_step_s": real, f"ours_{name}_sim_step_s": sim.makespan,
-                f"ours_{name}_real_bubble_s": real - work, f"ours_{name}_sim_bubble_s": sim.max_bubble,
-                f"ours_{name}_real_vs_sim_error": error}
-    for name in TORCH:
-        if f"torch_{name}" in raw:
-            out |= {f"torch_{name}_real_step_s": raw[f"torch_{name}"],
-                    f"torch_{name}_real_bubble_s": raw[f"torch_{name}"] - work}
-        else:
-            out[f"torch_{name}_error"] = raw.get(f"torch_{name}_error", "not run (an earlier torch schedule failed)")
+        out |= {f"ours_{name}_sim_step_s": sim.makespan, f"ours_{name}_real_vs_sim_error": error}
+    names = [f"ours_{n}" for n in OURS] + [f"torch_{n}" for n in TORCH] + ["deepseek_dualpipe"]
+    for who in names:
+        if who in raw:
+            out[f"{who}_real_step_s"], out[f"{who}_median_step_s"], cpu = raw[who]
+            out[f"{who}_cpu_ms_per_step"] = 1000 * cpu
+            if who in FORMULA:
+                formula = formula_step(FORMULA[who], args)
+                out |= {f"{who}_formula_step_s": formula, f"{who}_vs_formula": raw[who][0] / formula - 1}
+        elif who.startswith("torch") or args.dualpipe_repo:
+            out[f"{who}_error"] = raw.get(f"{who}_error", "not run (an earlier torch schedule failed)")
     out["max_real_vs_sim_error"] = max(errors)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, Path(args.out).with_suffix(".png"))
+    plot(out, names, Path(args.out).with_suffix(".png"))
 
     print(f"pipeline schedules: PP={args.pp}, {args.chunks} micro-batches, f={args.f} b={args.b} w={args.w} ms "
-          f"(work per rank {work:.3f} s)")
-    print(f"{'schedule':<18}{'real step s':>12}{'sim step s':>12}{'real bubble s':>15}{'error':>8}")
-    for name in OURS:
-        print(f"{'ours ' + name:<18}{out[f'ours_{name}_real_step_s']:>12.3f}{out[f'ours_{name}_sim_step_s']:>12.3f}"
-              f"{out[f'ours_{name}_real_bubble_s']:>15.3f}{out[f'ours_{name}_real_vs_sim_error']:>8.1%}")
-    for name in TORCH:
-        if f"torch_{name}_real_step_s" in out:
-            print(f"{'torch ' + name:<18}{out[f'torch_{name}_real_step_s']:>12.3f}{'':>12}"
-                  f"{out[f'torch_{name}_real_bubble_s']:>15.3f}")
-        else:
-            print(f"{'torch ' + name:<18}  unavailable: {out[f'torch_{name}_error']}")
+          f"(work per rank {work:.3f} s, one transfer {out['measured_hop_ms']:.2f} ms)")
+    print(f"{'schedule':<20}{'formula s':>10}{'best s':>8}{'vs formula':>11}{'median s':>10}{'cpu ms':>8}{'sim s':>8}"
+          f"{'median vs sim':>15}")
+    for who in names:
+        if f"{who}_real_step_s" not in out:
+            if f"{who}_error" in out:
+                print(f"{who:<20}  unavailable: {out[f'{who}_error']}")
+            continue
+        formula = f"{out[f'{who}_formula_step_s']:>10.3f}" if f"{who}_formula_step_s" in out else f"{'-':>10}"
+        versus = f"{out[f'{who}_vs_formula']:>+11.1%}" if f"{who}_vs_formula" in out else " " * 11
+        sim = f"{out[f'{who}_sim_step_s']:>8.3f}{out[f'{who}_real_vs_sim_error']:>15.1%}" if who.startswith("ours") else ""
+        print(f"{who:<20}{formula}{out[f'{who}_real_step_s']:>8.3f}{versus}{out[f'{who}_median_step_s']:>10.3f}"
+              f"{out[f'{who}_cpu_ms_per_step']:>8.1f}{sim}")
     print(f"max_real_vs_sim_error {out['max_real_vs_sim_error']:.1%}  -> {args.out}")
     return out
 
 
-def plot(out: dict, path: Path) -> None:
+def plot(out: dict, names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, real, sim = [], [], []
-    for name in OURS:
-        labels.append(f"ours\n{name}")
-        real.append(out[f"ours_{name}_real_step_s"])
-        sim.append(out[f"ours_{name}_sim_step_s"])
-    for name in TORCH:
-        if f"torch_{name}_real_step_s" in out:
-            labels.append(f"torch\n{name}")
-            real.append(out[f"torch_{name}_real_step_s"])
-            sim.append(0.0)
-    xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar([x - 0.2 for x in xs], real, 0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], sim, 0.4, label="simulated")
+    shown = [who for who in names if f"{who}_real_step_s" in out]
+    series = {"measured": "real_step_s", "simulated": "sim_step_s", "formula": "formula_step_s"}
+    xs = range(len(shown))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for k, (label, key) in enumerate(series.items()):
+        ax.bar([x + 0.27 * (k - 1) for x in xs], [out.get(f"{who}_{key}", 0.0) for who in shown], 0.27, label=label)
     ax.axhline(out["work_per_rank_s"], color="black", linestyle="--", linewidth=1, label="work per rank (no bubble)")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels([who.replace("_", "\n", 1) for who in shown], fontsize=8)
     ax.set_ylabel("step time (s)")
     ax.set_title(f"PP={out['pp']}, {out['chunks']} micro-batches, f/b/w = {out['f_ms']}/{out['b_ms']}/{out['w_ms']} ms; "
                  f"max real vs sim error {out['max_real_vs_sim_error']:.1%}", fontsize=9)

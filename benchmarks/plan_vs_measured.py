@@ -47,8 +47,8 @@ MEASURE = textwrap.dedent("""
 CALIBRATE = textwrap.dedent("""
     import json, sys, time, torch
     # GEMMs at the shapes of model=tiny (1024 tokens of a micro-batch; hidden 128, FFN 384, expert 64,
-    # MLA ranks 64/32, vocab 264) and the cost of one eager op on an activation-sized tensor.
-    shapes = [(1024, 128, 384), (1024, 384, 128), (256, 128, 64), (256, 64, 128), (1024, 128, 264),
+    # MLA ranks 64/32, vocab 4096) and the cost of one eager op on an activation-sized tensor.
+    shapes = [(1024, 128, 384), (1024, 384, 128), (256, 128, 64), (256, 64, 128), (1024, 128, 4096),
               (1024, 128, 64), (1024, 64, 192), (1024, 128, 128)]
     def gemm_rate():
         flops = secs = 0.0

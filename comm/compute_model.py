@@ -7,8 +7,9 @@ arithmetic competes for the same cores, so the time an overlapped pair takes is 
 cores, not by what the schedule hides. With a compute model attached, every GEMM-bearing module (each
 nn.Linear, and each grouped expert module, recognized by its `gate_up_proj` and `down_proj` weights) also
 SLEEPS for flops / rate seconds after its forward, and as long again for its input gradients and for its
-weight gradients, holding its side's compute token, as a busy compute stream would. The real arithmetic still runs, so results are unchanged bit for
-bit; with `rate` well below the machine's own speed the modelled time dominates and the cores stay mostly
+weight gradients, while its side of an overlapped pair runs (comm/overlap.py), as a busy compute stream
+would; with `streams` set, each charge is also recorded as a kernel of the stream model
+(comm/stream_model.py). The real arithmetic still runs, so results are unchanged bit for bit; with `rate` well below the machine's own speed the modelled time dominates and the cores stay mostly
 free, so the overlap measured is the schedule's.
 
     model = ComputeModel(flops_per_s=2e9)
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .stream_model import StreamRecorder
 
 
 class _ChargeBackward(torch.autograd.Function):
@@ -74,6 +77,8 @@ class ComputeModel:
     extra_flops: dict[type, Callable] = field(default_factory=dict)
     sleep: Callable[[float], None] = time.sleep
     modelled_s: float = 0.0  # forward + backward seconds charged so far
+    # Where each charge is also recorded as a kernel on the modelled compute stream (comm/stream_model.py).
+    streams: StreamRecorder | None = None
     _last: dict = field(default_factory=dict, repr=False)  # module -> seconds of its latest forward
 
     def __post_init__(self) -> None:
@@ -109,10 +114,16 @@ class ComputeModel:
 
     def _spend(self, seconds: float, output: torch.Tensor, backward_seconds: float, total: float):
         self.modelled_s += total
-        self.sleep(seconds)
+        self._run(seconds)
         if output.requires_grad:
-            return _ChargeBackward.apply(output, backward_seconds, self.sleep)
+            return _ChargeBackward.apply(output, backward_seconds, self._run)
         return output
 
     def _charge_w(self, module: nn.Module, share: float) -> None:
-        self.sleep(self._last.get(module, 0.0) * share)
+        self._run(self._last.get(module, 0.0) * share)
+
+    def _run(self, seconds: float) -> None:
+        """A modelled kernel: recorded on the stream model (if any), and slept for."""
+        if self.streams is not None:
+            self.streams.kernel(seconds)
+        self.sleep(seconds)

@@ -11,7 +11,8 @@ combine: the adjoint. Each rank returns one row per received row (its experts' g
 sums the copies of a token (in FP32), and the home rank gets sum_k gate_k * expert_k(x).
 
 Both are differentiable: the backward of dispatch is a combine of the gradients and the backward of
-combine is a dispatch. Received rows are ordered by (source EP rank, source row) in both modes, so
+combine is a dispatch (on the transport's twin groups, if registered: comm/transport.py). Each is a transfer
+issued asynchronously and waited for just before its consumer (comm/overlap.py hands over there). Received rows are ordered by (source EP rank, source row) in both modes, so
 each expert sees its tokens in the order of the concatenated batch. FP8 dispatch quantizes once at home
 (E4M3, 1x128 scales; relayed as bytes) and dequantizes at the destination; gradients travel unquantized.
 """
@@ -70,8 +71,12 @@ class _DispatchGrad(torch.autograd.Function):
         if grad_gates is None:
             grad_gates = torch.zeros(box.rows, box.local.shape[1], dtype=torch.float32, device=box.device)
         grad_gates = grad_gates.float() * box.local
-        home_x, home_gates = box.route.reverse([grad_x, grad_gates], [grad_x.dtype, torch.float32],
-                                               box.stats, "backward", what="dispatch-bwd").wait()
+        transport = box.route.transport
+        transfer = transport.open_transfer("dispatch-bwd")
+        with transport.issuing(transfer):
+            inner = box.route.reverse([grad_x, grad_gates], [grad_x.dtype, torch.float32], box.stats, "backward",
+                                      async_op=True, what="dispatch-bwd", backward=True)
+        home_x, home_gates = Pending(None, inner.wait, transport, transfer).wait()
         return home_x.to(box.x_dtype), home_gates.to(box.gates_dtype), None
 
 
@@ -122,7 +127,8 @@ class Dispatcher:
         ep = self.ep
         fmt = DispatchFormat(x.shape[1], expert_ids.shape[1], x.dtype, self.fp8)
         self.stats.add_call("dispatch")
-        with torch.no_grad():
+        transfer = self.transport.open_transfer("dispatch")
+        with torch.no_grad(), self.transport.issuing(transfer):
             packed = fmt.pack(x.detach(), expert_ids, gates.detach(), ep.rank)
             dest = expert_ids.long() // self.experts_per_rank  # EP rank of every choice
             if self.mode == "flat":
@@ -162,7 +168,7 @@ class Dispatcher:
             rx, rgates = _DispatchGrad.apply(x, gates, box)
             return Dispatched(rx, rgates, local_ids, counts, source, route, x.shape[0])
 
-        return Pending(work, finish)
+        return Pending(work, finish, self.transport, transfer)
 
     # ---- combine -----------------------------------------------------------------------------------
     def combine(self, y: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -176,14 +182,16 @@ class Dispatcher:
                              f"dispatched {dispatched.x.shape[0]} rows")
         self.stats.add_call("combine")
         wire = self.combine_dtype or y.dtype
-        with torch.no_grad():
+        transfer = self.transport.open_transfer("combine")
+        with torch.no_grad(), self.transport.issuing(transfer):
             pending = dispatched.route.reverse([y.detach()], [wire], self.stats, "combine", async_op=True)
 
         def finish() -> torch.Tensor:
-            out = pending.wait()[0].to(y.dtype)
+            with torch.no_grad():
+                out = pending.wait()[0].to(y.dtype)
             return _CombineGrad.apply(y, _Box(out=out, route=dispatched.route, stats=self.stats, y_dtype=y.dtype))
 
-        return Pending(None, finish)
+        return Pending(None, finish, self.transport, transfer)
 
     def _check(self, x, expert_ids, gates) -> None:
         if x.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape != gates.shape or \

@@ -1,5 +1,5 @@
-"""A recorder of when each collective of a Transport was issued and waited for, and of when a side of an
-overlapped F&B pair waited for its turn to compute: the timeline of benchmarks/overlap.py."""
+"""A recorder of when each collective of a Transport was issued and waited for: the timeline of
+benchmarks/overlap.py. (The order in which work would reach a GPU's streams is comm/stream_model.py's.)"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def current_rank() -> int:
 class Span:
     rank: int
     role: str  # "F" (forward chunk), "B" (backward chunk) or "-" (not inside an F&B pair)
-    kind: str  # "comm": issue -> data usable; "wait": the thread blocked on it; "token": waited to compute
+    kind: str  # "comm": issue -> data usable; "wait": the thread blocked on it
     start: float  # time.perf_counter() seconds
     end: float
     what: str = ""  # counts, dispatch, combine, combine-bwd (a dispatch of gradients), dispatch-bwd
@@ -27,7 +27,7 @@ class Span:
 
 @dataclass
 class Recorder:
-    """Collects Spans and labelled marks; thread-safe (both sides of a pair record into it)."""
+    """Collects Spans and labelled marks; thread-safe (the two chunks of a pair run on their own stacks)."""
 
     spans: list[Span] = field(default_factory=list)
     marks: list[tuple[int, str, str, float]] = field(default_factory=list)  # (rank, role, label, time)

@@ -2,12 +2,21 @@
 
 Transport: every collective of moetron.comm (the row all-to-alls and the count exchanges of dispatch and
 combine, both directions, forward and backward) goes through one object, owned by whoever builds the
-dispatchers (one per model replica), so that three things can be switched on per model, not per process:
+dispatchers (one per model replica), so that these can be switched on per model, not per process:
 - a link model (comm/link_model.py): handles complete no earlier than the modelled transfer time;
-- twin process groups for overlap (comm/overlap.py): while a forward and a backward chunk run at once,
-  the backward side's collectives go to a twin of each group, so the two chunks never have to issue their
-  collectives in one agreed order;
-- a recorder (comm/recorder.py) of when each collective was issued and waited for.
+- twin process groups (comm/overlap.py): the transfers of a backward pass (dispatch-bwd, combine-bwd) go
+  to a twin of each group, so that an overlapped pair's forward and backward chunk never have to issue
+  their collectives in one agreed order across ranks; which group a transfer takes follows from its
+  direction, never from the thread that issues it;
+- the running overlapped pair (comm/overlap.py): before the consumer of a transfer waits for it, the
+  other chunk of the pair enqueues its work (`Pending.wait`);
+- a recorder (comm/recorder.py) of when each collective was issued and waited for, and a stream recorder
+  (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams.
+
+A *transfer* is what a consumer waits for: one dispatch, combine, or the backward of one, with all its
+hops and count exchanges (one communication kernel on a GPU, as DeepEP's). `open_transfer` starts one,
+the collectives issued inside `issuing(transfer)` belong to it, and a `Pending` made with the transport
+is its consumer's wait.
 
 Routes: a chain of all-to-all hops that moves rows of bytes from their home rank to where they are
 needed ("forward", the dispatch direction), and its adjoint that brings rows back and sums the copies
@@ -19,6 +28,7 @@ what comes back into the rows they were taken from.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -29,23 +39,27 @@ from .link_model import LinkModel
 from .payload import from_bytes, to_bytes
 from .recorder import Recorder, Span, current_rank
 from .stats import CommStats
+from .stream_model import StreamRecorder
 
 
 class Transport:
-    """Where the collectives of moetron.comm are issued. `link` (a LinkModel) and `recorder` (a Recorder)
-    may be set or cleared at any time; `pair` is set by comm/overlap.py while an overlapped F&B pair runs."""
+    """Where the collectives of moetron.comm are issued. `link` (a LinkModel), `recorder` (a Recorder) and
+    `streams` (a StreamRecorder) may be set or cleared at any time; `pair` is set by comm/overlap.py while an
+    overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs)."""
 
-    def __init__(self, link: LinkModel | None = None, recorder: Recorder | None = None):
-        self.link, self.recorder = link, recorder
-        self.twins: dict = {}  # process group -> its twin, for the backward side of an overlapped pair
-        self.pair = None  # the running overlapped pair (comm/overlap.py): who computes, which thread is which
+    def __init__(self, link: LinkModel | None = None, recorder: Recorder | None = None,
+                 streams: StreamRecorder | None = None):
+        self.link, self.recorder, self.streams = link, recorder, streams
+        self.twins: dict = {}  # process group -> its twin, for the transfers of backward passes
+        self.pair = None  # the running overlapped pair (comm/overlap.py)
+        self.current: int | None = None  # the stream recorder's transfer whose collectives are being issued
 
     def role(self) -> str:
-        """Which side of a running F&B pair the calling thread works for ("-": no pair is running)."""
-        return "-" if self.pair is None else self.pair.role()
+        """The side of a running F&B pair whose work runs now ("-": no pair is running)."""
+        return "-" if self.pair is None else self.pair.turn
 
     def register_twin(self, group: dist.ProcessGroup | None, twin: dist.ProcessGroup | None) -> None:
-        """Use `twin` (a process group of the same ranks) for the backward side's collectives on `group`."""
+        """Use `twin` (a process group of the same ranks) for the backward transfers on `group`."""
         if group is None or twin is None:
             return
         if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(twin):
@@ -53,36 +67,77 @@ class Transport:
                              f"{dist.get_process_group_ranks(twin)}")
         self.twins[group] = twin
 
-    def _route(self, group):
-        """The group the calling thread must use: the twin for the backward side of a running pair."""
-        if self.role() != "B":
+    def _route(self, group, backward: bool):
+        """The group a transfer takes: the twin of `group` for a backward transfer, if there is one."""
+        if not backward:
             return group
         twin = self.twins.get(group)
-        if twin is None:
+        if twin is not None:
+            return twin
+        if self.pair is not None:
             raise RuntimeError(
                 "an overlapped F&B pair's backward chunk issued a collective on a process group without a twin; "
                 "create twins once at setup (collective) with moetron.comm.overlap.enable_overlap(transport, ep, "
                 "partition, ranks_per_node) or transport.register_twin(group, twin)")
-        return twin
+        return group
+
+    # ---- transfers: what a consumer waits for -----------------------------------------------------------
+    def open_transfer(self, what: str) -> int | None:
+        """A transfer reaches the (modelled) communication stream; its id for the stream recorder (None
+        without one). Issue its collectives inside `issuing(id)`."""
+        return self.streams.issue(what) if self.streams is not None else None
+
+    @contextlib.contextmanager
+    def issuing(self, transfer: int | None):
+        """Collectives issued inside belong to `transfer` (its hops, its count exchanges)."""
+        previous, self.current = self.current, transfer
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def before_consumer(self, transfer: int | None) -> None:
+        """The consumer of `transfer` is next: the other side of a running pair enqueues its work first
+        (up to its own next wait), then this side's wait reaches the compute stream."""
+        if self.pair is not None:
+            self.pair.hand_over()
+        if self.streams is not None and transfer is not None:
+            self.streams.wait(transfer)
+
+    def _note_hop(self, group, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
+        """Count a collective's bytes into the current transfer of the stream recorder."""
+        streams = self.streams
+        if streams is None:
+            return
+        transfer = self.current
+        if transfer is None:  # a collective outside any transfer: a transfer of its own, waited for at once
+            transfer = streams.issue("other")
+            streams.wait(transfer)
+        streams.hop(transfer, *self.link_bytes(streams.link, group, send_splits, recv_splits, row_bytes))
 
     def _book(self, group, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> float | None:
         """The link model's deadline for this transfer (None without a link model)."""
         if self.link is None:
             return None
+        return self.link.issue(*self.link_bytes(self.link, group, send_splits, recv_splits, row_bytes))
+
+    def link_bytes(self, model: LinkModel, group, send_splits: list[int], recv_splits: list[int],
+                   row_bytes: int) -> tuple[int, int]:
+        """(intra-node, inter-node) bytes of a collective on `model`'s links (rows to myself are free)."""
         peers = dist.get_process_group_ranks(group)
-        intra, inter = self.link.peer_bytes(peers, peers.index(dist.get_rank()), send_splits, recv_splits,
-                                            row_bytes)
-        return self.link.issue(intra, inter)
+        return model.peer_bytes(peers, peers.index(dist.get_rank()), send_splits, recv_splits, row_bytes)
 
     def all_to_all(self, buf: torch.Tensor, group, send_splits: list[int], recv_splits: list[int], what: str,
-                   async_op: bool = False):
-        """Uneven all-to-all of rows (`what` labels it in the recorder). Returns (received rows, handle or None)."""
+                   async_op: bool = False, backward: bool = False):
+        """Uneven all-to-all of rows (`what` labels it in the recorder; `backward`: a transfer of a backward
+        pass, on the twin group). Returns (received rows, handle or None)."""
         if group is None:
             return buf.clone(), None
-        group = self._route(group)
+        group = self._route(group, backward)
         issued = time.perf_counter()
         row_bytes = buf[:1].numel() * buf.element_size()
         deadline = self._book(group, send_splits, recv_splits, row_bytes)
+        self._note_hop(group, send_splits, recv_splits, row_bytes)
         out = buf.new_empty((sum(recv_splits),) + tuple(buf.shape[1:]))
         work = dist.all_to_all_single(out, buf.contiguous(), recv_splits, send_splits, group=group, async_op=True)
         handle = Handle(self, work, issued, deadline, what)
@@ -95,9 +150,9 @@ class Transport:
         """Tell every member how many rows it will get from me; learn how many I get from each."""
         if group is None:
             return list(send_splits)
-        group = self._route(group)
         issued = time.perf_counter()
         deadline = self._book(group, [1] * size, [1] * size, 8)
+        self._note_hop(group, [1] * size, [1] * size, 8)
         send = torch.tensor(send_splits, dtype=torch.int64, device=device)
         recv = torch.empty(size, dtype=torch.int64, device=device)
         Handle(self, dist.all_to_all_single(recv, send, group=group, async_op=True), issued, deadline, "counts").wait()
@@ -105,8 +160,7 @@ class Transport:
 
 
 class Handle:
-    """The real work, held back by the link model (if any) and recorded (if a recorder is set). While it
-    waits, the waiting side of an overlapped pair lets the other side compute."""
+    """The real work, held back by the link model (if any) and recorded (if a recorder is set)."""
 
     def __init__(self, transport: Transport, work, issued: float, deadline: float | None, what: str):
         self.transport, self.work, self.issued, self.deadline, self.what = transport, work, issued, deadline, what
@@ -114,8 +168,6 @@ class Handle:
 
     def wait(self) -> bool:
         transport = self.transport
-        if transport.pair is not None:
-            transport.pair.give_up_turn()
         t0 = time.perf_counter()
         if self.deadline is not None and transport.link is not None:
             transport.link.delay(self.work, self.deadline).wait()
@@ -169,16 +221,25 @@ def choice_mask(target: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Pending:
-    """A transfer in flight: wait() finishes the remaining steps and returns the result."""
+    """A transfer in flight: wait() finishes the remaining steps and returns the result. Made with the
+    `transport` (and the stream recorder's `transfer` id), it is the wait of the transfer's consumer: the
+    other side of a running pair enqueues its work first (Transport.before_consumer)."""
 
-    def __init__(self, work, finish):
+    def __init__(self, work, finish, transport: Transport | None = None, transfer: int | None = None):
         self._work, self._finish, self._done, self._result = work, finish, False, None
+        self._transport, self._transfer = transport, transfer
 
     def wait(self):
         if not self._done:
-            if self._work is not None:
-                self._work.wait()
-            self._result, self._done = self._finish(), True
+            transport = self._transport
+            if transport is not None:
+                transport.before_consumer(self._transfer)
+            fused = transport is not None and (transport.streams is None or transport.streams.fused)
+            with transport.issuing(self._transfer if fused else None) if transport is not None \
+                    else contextlib.nullcontext():
+                if self._work is not None:
+                    self._work.wait()
+                self._result, self._done = self._finish(), True
         return self._result
 
 
@@ -194,17 +255,40 @@ class Route:
 
     def forward_bytes(self, buf: torch.Tensor, stats: CommStats | None = None, kind: str = "backward",
                       what: str = "combine-bwd") -> torch.Tensor:
-        """Send home rows [T, B] (uint8) along every hop; returns the destination rows [N, B]."""
-        for hop in self.hops:
+        """Send home rows [T, B] (uint8) along every hop; returns the destination rows [N, B]. The backward
+        of combine (a dispatch of gradients): its transfers take the twin groups."""
+        return self.forward_async(buf, stats, kind, what).wait()
+
+    def forward_async(self, buf: torch.Tensor, stats: CommStats | None = None, kind: str = "backward",
+                      what: str = "combine-bwd") -> Pending:
+        """forward_bytes as a transfer: the first hop is in flight when this returns; wait() (the consumer's
+        wait) runs the other hops and returns the destination rows."""
+        transport = self.transport
+
+        def send(hop: Hop, rows: torch.Tensor, is_async: bool):
             if stats is not None:
-                stats.add(kind, *hop.bytes_to_peers(hop.send_splits, buf.shape[1]))
-            buf, _ = self.transport.all_to_all(buf[hop.send_index], hop.group, hop.send_splits, hop.recv_splits, what)
-        return buf if self.perm is None else buf[self.perm]
+                stats.add(kind, *hop.bytes_to_peers(hop.send_splits, rows.shape[1]))
+            return transport.all_to_all(rows[hop.send_index], hop.group, hop.send_splits, hop.recv_splits, what,
+                                        async_op=is_async, backward=True)
+
+        transfer = transport.open_transfer(what)
+        with transport.issuing(transfer):
+            first, work = send(self.hops[0], buf, True)
+
+        def finish() -> torch.Tensor:
+            rows = first
+            for hop in self.hops[1:]:
+                rows, _ = send(hop, rows, False)
+            return rows if self.perm is None else rows[self.perm]
+
+        return Pending(work, finish, transport, transfer)
 
     def reverse(self, tensors: list[torch.Tensor], wire: list[torch.dtype], stats: CommStats | None = None,
-                kind: str = "combine", async_op: bool = False, what: str = "combine") -> Pending:
+                kind: str = "combine", async_op: bool = False, what: str = "combine", backward: bool = False) -> Pending:
         """Bring destination rows [N, C_i] back home, summing the copies of a row at every hop (in FP32,
-        sent in the `wire` dtypes). Returns a Pending whose wait() gives FP32 [T, C_i] tensors."""
+        sent in the `wire` dtypes; `backward`: the backward of dispatch, on the twin groups). Returns a
+        Pending whose wait() gives FP32 [T, C_i] tensors (the caller's transfer: issue it inside
+        `transport.issuing`, and make the consumer's Pending)."""
         if self.perm is not None:
             tensors = [t.new_empty(t.shape).index_copy_(0, self.perm, t) for t in tensors]
         specs = [(t.shape[1], dt) for t, dt in zip(tensors, wire)]
@@ -214,7 +298,8 @@ class Route:
             buf = to_bytes([p.to(dt) for p, dt in zip(parts, wire)])
             if stats is not None:
                 stats.add(kind, *hop.bytes_to_peers(hop.recv_splits, buf.shape[1]))
-            return self.transport.all_to_all(buf, hop.group, hop.recv_splits, hop.send_splits, what, async_op=is_async)
+            return self.transport.all_to_all(buf, hop.group, hop.recv_splits, hop.send_splits, what, async_op=is_async,
+                                             backward=backward)
 
         def land(hop: Hop, buf: torch.Tensor) -> list[torch.Tensor]:
             parts = from_bytes(buf, specs)

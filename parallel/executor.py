@@ -169,8 +169,9 @@ class PipelineExecutor:
             return self._forward_only()
         sums = s.duplicated_stages and self.sum_copies
         earlier = self._take_grads() if sums else {}
-        self.comm.begin_step()
-        for step in s.steps[self.rank]:
+        self.comm.begin_step(self._inputs)
+        for index, step in enumerate(s.steps[self.rank]):
+            self.comm.before(index)  # this step's receives, the last step's sends
             if isinstance(step, FB):
                 self._pair(step)
             elif step.op == Op.F:
@@ -183,7 +184,7 @@ class PipelineExecutor:
                 job = self._backward_job(step)
                 self._finish_backward(job, job.run())
             self.comm.poll()
-        self.comm.flush()
+        self.comm.finish()
         if self._chunks or len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: chunks left after the step: {sorted(self._chunks)}")
         if sums:
@@ -194,15 +195,15 @@ class PipelineExecutor:
         return StepResult(self._losses, self._peak)
 
     def _forward_only(self) -> StepResult:
-        self.comm.begin_step(forward_only=True)
+        self.comm.begin_step(self._inputs, forward_only=True)
+        forwards = [a for step in self.schedule.steps[self.rank] for a in actions_of(step) if a.op == Op.F]
         with torch.no_grad():
-            for step in self.schedule.steps[self.rank]:
-                for a in actions_of(step):
-                    if a.op == Op.F:
-                        job = self._forward_job(a)
-                        self._hand_on(a, job.run())
+            for index, a in enumerate(forwards):  # an F&B pair holds one forward
+                self.comm.before(index)
+                job = self._forward_job(a)
+                self._hand_on(a, job.run())
                 self.comm.poll()
-            self.comm.flush()
+            self.comm.finish()
         self._inputs = self._targets = None
         return StepResult(self._losses, 0)
 

@@ -1,50 +1,37 @@
 """Stage-to-stage transfers for one executor: activations forward, gradients backward.
 
-Sends are asynchronous (`batch_isend_irecv`) and their tensors are held only until the transfer
-completes, then released. A receive is posted when the data is needed; receives from one peer are
-posted in the order that peer sends (every rank knows every rank's action list), which is what
-NCCL requires, and each message also carries a unique tag, which gloo uses to match.
+Before each of its steps a rank posts one `batch_isend_irecv` holding, with every peer, the sends of
+the step before and the receives of this step (and, except on NCCL, the next step's receives where the
+plan allows),
+in the order `transfer_plan` fixes for each pair of ranks, which keeps every schedule free of deadlock
+under NCCL, where a send completes only once its receive is posted. A receive is waited for only when
+its data is needed; a send's tensor is held until its transfer completes.
 
-An activation travels as a small header (rank, dtype, shape) and its payload, because a stage may
-change shapes; a gradient has the shape of the activation this rank sent, so it needs no header.
+Receives need shapes. A gradient has the shape of the activation this rank sent. An activation's
+shape is learned once: the rank holding the first stage broadcasts the shapes and dtypes of the step's
+input micro-batches (one small collective per step, waited for at the rank's first transfer); the first step with new input shapes sends a
+header before each activation, later steps with the same input shapes reuse what it learned. So a
+stage's output shape and dtype must depend only on its input's shape and dtype (checked on send).
+Messages also carry unique tags, which gloo uses to match (NCCL matches by order).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 
-from .actions import Op, Schedule, actions_of
+from .actions import Schedule, StageId
+from .transfer_plan import Message, Post, plan_transfers
+
+__all__ = ["Message", "StageComm"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool)
 _MAX_DIMS = 8
+_HEADER = 2 + _MAX_DIMS  # ndim, dtype, shape padded with zeros
+_KEEP_SHAPES = 8  # input shapes whose activation shapes are remembered (training, evaluation, a last partial batch)
 
-
-class Message(NamedTuple):
-    kind: str  # "act" (to the next stage) or "grad" (to the previous stage)
-    microbatch: int
-    stage: int  # the stage that receives it
-
-
-def outgoing(schedule: Schedule, rank: int) -> list[tuple[Message, int]]:
-    """(message, destination rank) for everything `rank` sends to other ranks, in send order."""
-    sent = []
-    for step in schedule.steps[rank]:
-        for a in actions_of(step):
-            d = a.direction
-            if a.op == Op.F and a.stage < schedule.num_stages - 1:
-                msg, dst = Message("act", a.microbatch, a.stage + 1), schedule.rank_of(a.stage + 1, d)
-            elif a.op in (Op.B, Op.BW) and a.stage > 0:
-                msg, dst = Message("grad", a.microbatch, a.stage - 1), schedule.rank_of(a.stage - 1, d)
-            else:
-                continue
-            if dst != rank:
-                sent.append((msg, dst))
-    return sent
+Shape = tuple[tuple[int, ...], torch.dtype]
 
 
 class StageComm:
@@ -52,21 +39,156 @@ class StageComm:
 
     def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device):
         self.schedule, self.rank, self.group, self.device = schedule, rank, group, device
-        self._expected = {  # per peer, what it sends this rank in one step, in its order
-            peer: [m for m, dst in outgoing(schedule, peer) if dst == rank]
-            for peer in range(schedule.num_ranks) if peer != rank
-        }
-        self._incoming: dict[int, deque[Message]] = {}
-        self._posted: dict[Message, tuple[list, torch.Tensor]] = {}
-        self._in_flight: list[tuple[list, list[torch.Tensor]]] = []
-        self._grad_like: dict[Message, tuple[torch.Size, torch.dtype]] = {}
+        # Receives posted ahead let gloo move the next input during this step. A NCCL batch completes
+        # as a whole (one work), so there a receive posted ahead would hold up the step before it.
+        ahead = schedule.num_ranks == 1 or dist.get_backend(group) != "nccl"
+        self._plan_of = {mode: plan_transfers(schedule, rank, mode, ahead) for mode in (False, True)}
+        self._source = schedule.placement[StageId(0, 0)]  # holds every micro-batch's input
+        self._learned: dict[tuple, dict[Message, Shape]] = {}  # input shapes -> activation shapes
+        self._outbox: dict[Message, torch.Tensor] = {}
+        self._posted: dict[Message, tuple[object, torch.Tensor]] = {}
+        self._in_flight: list[tuple[object, torch.Tensor]] = []
+        self._grad_like: dict[Message, Shape] = {}
 
-    def begin_step(self, forward_only: bool = False) -> None:
-        """Expect every peer's messages of a new step (only the activations with `forward_only`)."""
-        self._incoming = {peer: deque(m for m in msgs if not forward_only or m.kind == "act")
-                          for peer, msgs in self._expected.items()}
+    # ------------------------------------------------------------------------------ a step
+    def begin_step(self, inputs, forward_only: bool = False) -> None:
+        """Start a step: agree on the input shapes (a broadcast from the first stage's rank)."""
+        self._plan = self._plan_of[forward_only]
         self._posted.clear()
         self._grad_like.clear()
+        self._outbox.clear()  # left only by a step that raised
+        self._key = self._input_key(inputs)
+
+    def _agree(self) -> None:
+        """Wait for the broadcast input shapes (once per step, at the first transfer): they say
+        whether activation shapes are known or this step learns them."""
+        if self._key is None:
+            return
+        work, table = self._key
+        if work is not None:
+            work.wait()
+        key = tuple(map(tuple, table.tolist()))
+        self._key = None
+        self._learning = key not in self._learned
+        if self._learning and len(self._learned) >= _KEEP_SHAPES:
+            del self._learned[next(iter(self._learned))]  # the oldest input shapes (same on every rank)
+        self._shapes = self._learned.setdefault(key, {})
+
+    def before(self, index: int) -> None:
+        """Post the batch planned before step `index` (step count: len(plan) - 1 means after the last)."""
+        posts = self._plan[index]
+        if not posts:
+            return
+        self._agree()
+        if not self._learning:
+            self._post(posts)
+            return
+        # Learning: an activation's receive waits for its header; the batch goes in pieces, each
+        # ending at a header, which keeps the order shared with each peer.
+        while posts:
+            cut = next((k for k, p in enumerate(posts) if not p.send and p.msg.kind == "act"
+                        and p.msg not in self._shapes), None)
+            if cut is None:
+                self._post(posts)
+                return
+            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+            self._post(posts[:cut], header=(posts[cut], header))
+            self._shapes[posts[cut].msg] = self._parse(header)
+            posts = posts[cut:]
+
+    def finish(self) -> None:
+        """Post the sends of the last step and wait for every transfer of the step."""
+        self.before(len(self._plan) - 1)
+        self._agree()  # a rank without transfers still completes the broadcast
+        for work, _ in self._in_flight:
+            work.wait()
+        self._in_flight = []
+        if self._posted or self._outbox:
+            raise RuntimeError(f"rank {self.rank}: transfers left after the step: "
+                               f"{sorted(self._posted) + sorted(self._outbox)}")
+
+    # --------------------------------------------------------------------------- transfers
+    def send(self, msg: Message, tensor: torch.Tensor, dst: int) -> None:
+        """Hand over `tensor`; it goes out with the next batch."""
+        tensor = tensor.detach().contiguous()
+        if msg.kind == "act":
+            self._agree()
+            self._check_shape(msg, tensor)
+            self._grad_like[Message("grad", msg.microbatch, msg.stage - 1)] = (tuple(tensor.shape), tensor.dtype)
+        self._outbox[msg] = tensor
+
+    def recv(self, msg: Message, src: int) -> torch.Tensor:
+        """Wait for `msg` (posted by an earlier `before`)."""
+        if msg not in self._posted:
+            raise RuntimeError(f"rank {self.rank}: {msg} from rank {src} was not posted (a bug in the plan)")
+        work, buffer = self._posted.pop(msg)
+        work.wait()
+        return buffer
+
+    def poll(self) -> None:
+        """Release the tensors of finished sends."""
+        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+
+    def _post(self, posts: list[Post], header: tuple[Post, torch.Tensor] | None = None) -> None:
+        ops, kept = [], []
+        for post in posts:
+            peer = self._peer(post.peer)
+            if post.send:
+                tensor = self._outbox.pop(post.msg)
+                if self._learning and post.msg.kind == "act":
+                    ops.append(dist.P2POp(dist.isend, self._header(tensor), peer, self.group, self._tag(post.msg, True)))
+                    kept.append((None, ops[-1].tensor))
+                ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, self._tag(post.msg, False)))
+                kept.append((None, tensor))
+            else:
+                if post.msg.kind == "act":
+                    shape, dtype = self._shapes[post.msg]
+                else:
+                    shape, dtype = self._grad_like.pop(post.msg)
+                buffer = torch.empty(shape, dtype=dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, self._tag(post.msg, False)))
+                kept.append((post.msg, buffer))
+        if header is not None:
+            post, buffer = header
+            ops.append(dist.P2POp(dist.irecv, buffer, self._peer(post.peer), self.group, self._tag(post.msg, True)))
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # NCCL: one work for the whole (coalesced) batch
+            works = [works[-1]] * len(ops)
+        for work, (msg, tensor) in zip(works, kept):
+            if msg is None:
+                self._in_flight.append((work, tensor))
+            else:
+                self._posted[msg] = (work, tensor)
+        if header is not None:
+            works[-1].wait()
+
+    # ------------------------------------------------------------------------------ shapes
+    def _input_key(self, inputs) -> tuple:
+        """Start broadcasting the step's input shapes and dtypes from the source (the same on every
+        rank once it arrives); `_agree` waits for them."""
+        n = self.schedule.num_microbatches
+        table = torch.zeros(n, _HEADER, dtype=torch.int64, device=self.device)
+        if self.rank == self._source:
+            for m, x in enumerate(inputs):
+                table[m] = self._header(x)
+        if self.schedule.num_ranks == 1:
+            return None, table
+        return dist.broadcast(table, self._peer(self._source), group=self.group, async_op=True), table
+
+    def _check_shape(self, msg: Message, tensor: torch.Tensor) -> None:
+        got = (tuple(tensor.shape), tensor.dtype)
+        if self._learning:
+            self._shapes.setdefault(msg, got)
+        elif self._shapes.get(msg, got) != got:
+            want = self._shapes[msg]
+            raise RuntimeError(
+                f"stage {msg.stage - 1} gave micro-batch {msg.microbatch} an output of shape {got[0]} and "
+                f"{got[1]}, but {want[0]} and {want[1]} in an earlier step with the same input shapes: the "
+                "pipeline learns activation shapes once per input shape, so a stage's output shape must "
+                "depend only on its input's shape."
+            )
 
     def _peer(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -75,67 +197,18 @@ class StageComm:
         index = msg.microbatch * self.schedule.num_stages + msg.stage
         return (index * 2 + (msg.kind == "grad")) * 2 + header
 
-    def send(self, msg: Message, tensor: torch.Tensor, dst: int) -> None:
-        """Start sending `tensor`; the reference is dropped once the transfer completes."""
-        tensor = tensor.detach().contiguous()
-        peer = self._peer(dst)
-        ops, held = [], [tensor]
-        if msg.kind == "act":
-            header = self._header(tensor)
-            ops.append(dist.P2POp(dist.isend, header, peer, self.group, self._tag(msg, True)))
-            held.append(header)
-            self._grad_like[Message("grad", msg.microbatch, msg.stage - 1)] = (tensor.shape, tensor.dtype)
-        ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, self._tag(msg, False)))
-        self._in_flight.append((dist.batch_isend_irecv(ops), held))
-
-    def recv(self, msg: Message, src: int) -> torch.Tensor:
-        """Wait for `msg` from `src`, posting the receives of that peer's earlier messages first."""
-        queue = self._incoming[src]
-        while msg not in self._posted:
-            if not queue:
-                raise RuntimeError(f"rank {self.rank} waits for {msg} that rank {src} never sends")
-            self._post(queue.popleft(), src)
-        works, buffer = self._posted.pop(msg)
-        for w in works:
-            w.wait()
-        return buffer
-
-    def _post(self, msg: Message, src: int) -> None:
-        peer = self._peer(src)
-        if msg.kind == "act":
-            header = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, peer, self.group, self._tag(msg, True))]):
-                w.wait()
-            shape, dtype = self._parse(header)
-        else:
-            shape, dtype = self._grad_like.pop(msg)
-        buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buffer, peer, self.group, self._tag(msg, False))])
-        self._posted[msg] = (works, buffer)
-
-    def poll(self) -> None:
-        """Release the tensors of finished sends."""
-        self._in_flight = [(ws, held) for ws, held in self._in_flight if not all(w.is_completed() for w in ws)]
-
-    def flush(self) -> None:
-        """Wait for every send to finish."""
-        for works, _ in self._in_flight:
-            for w in works:
-                w.wait()
-        self._in_flight = []
-
     def _header(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
             raise ValueError(
-                f"a stage output must be a tensor of at most {_MAX_DIMS} dims with dtype in "
+                f"a stage's input and output must be tensors of at most {_MAX_DIMS} dims with dtype in "
                 f"{[str(d) for d in _DTYPES]}, got shape {tuple(tensor.shape)} and {tensor.dtype}"
             )
         values = [tensor.dim(), _DTYPES.index(tensor.dtype), *tensor.shape]
-        values += [0] * (2 + _MAX_DIMS - len(values))
-        return torch.tensor(values, dtype=torch.int64, device=tensor.device)
+        values += [0] * (_HEADER - len(values))
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     @staticmethod
-    def _parse(header: torch.Tensor) -> tuple[list[int], torch.dtype]:
+    def _parse(header: torch.Tensor) -> Shape:
         values = header.tolist()
         ndim, dtype = values[0], _DTYPES[values[1]]
-        return values[2 : 2 + ndim], dtype
+        return tuple(values[2 : 2 + ndim]), dtype

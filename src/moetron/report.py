@@ -2,7 +2,7 @@
 curves with spikes, skips and rollbacks marked, and the expert-load heatmap (load / mean, per MoE layer)."""
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,14 +11,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from moetron.config import ConfigError  # noqa: E402
+from moetron.train.logs import number, read_jsonl  # noqa: E402
+
 MARKERS = {"loss_spike": ("red", "x"), "grad_spike": ("orange", "x"), "nonfinite": ("purple", "D"),
            "skip": ("gray", "v"), "rollback": ("black", "|")}
 
 
 def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a torn last line (a run killed mid-write) is dropped
+
+
+def _series(records: list[dict], key: str) -> list[float]:
+    """One number per record; NaN/Inf (logged as "nan"/"inf") and missing values become NaN (a gap)."""
+    values = [number(r.get(key)) for r in records]
+    return [math.nan if v is None else v for v in values]
 
 
 def load_heatmap_figure(loads: list[list[float]], title: str = "expert load / mean"):
@@ -40,19 +47,19 @@ def draw_report(run_dir: Path, out: Path) -> Path:
     fig, (ax_loss, ax_grad, ax_load) = plt.subplots(3, 1, figsize=(9, 11))
     steps = [m["step"] for m in metrics]
     for key in ("loss", "lm_loss", "mtp_loss"):
-        ax_loss.plot(steps, [m.get(key) for m in metrics], label=key, linewidth=1)
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        ax_loss.plot(steps, _series(metrics, key), label=key, linewidth=1)
+    val = [(m["step"], number(m["val_loss"])) for m in metrics if "val_loss" in m]
     if val:
         ax_loss.plot(*zip(*val), "o-", label="val_loss", markersize=3)
-    ax_grad.plot(steps, [m.get("grad_norm") for m in metrics], linewidth=1, label="grad_norm")
+    ax_grad.plot(steps, _series(metrics, "grad_norm"), linewidth=1, label="grad_norm")
     ax_grad.set_yscale("log")
     for event in events:
         if event["event"] not in MARKERS:
             continue
         color, marker = MARKERS[event["event"]]
-        values = [event.get(key) for key in ("loss", "grad_norm")]
-        # Rollbacks, and NaN/Inf values (stored as text, so not placeable on the axis), mark the step.
-        if marker == "|" or not all(isinstance(v, (int, float)) for v in values):
+        values = [number(event.get(key)) for key in ("loss", "grad_norm")]
+        # Rollbacks, and NaN/Inf values (not placeable on the axis), mark the step.
+        if marker == "|" or not all(v is not None and math.isfinite(v) for v in values):
             for ax in (ax_loss, ax_grad):
                 ax.axvline(event["step"], color=color, linestyle="--", linewidth=0.8, label=event["event"])
             continue
@@ -89,7 +96,11 @@ def main(argv=None) -> int:
         print(f"moetron: error: {args.run_dir} has no metrics.jsonl; give the run.dir of a moetron run.",
               file=sys.stderr)
         return 2
-    out = draw_report(args.run_dir, args.out or args.run_dir / "report.png")
+    try:
+        out = draw_report(args.run_dir, args.out or args.run_dir / "report.png")
+    except ConfigError as err:  # a damaged line inside a log file: named, no traceback
+        print(f"moetron: error: {err}", file=sys.stderr)
+        return 2
     print(f"moetron: wrote {out}")
     return 0
 

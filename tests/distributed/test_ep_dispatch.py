@@ -114,7 +114,8 @@ def check_layout(ep, case, mode, fp8=False):
                 if p != rank:
                     intra += int(((is_ // per_rank) == p).any(1).sum()) * width
         nodes_per_token = torch.bincount(d.route.hops[0].send_index, minlength=x.shape[0])
-        assert int(nodes_per_token.max()) if nodes_per_token.numel() else 0 <= case["max_nodes"], f"{where}: a token crossed > M nodes"
+        most = int(nodes_per_token.max()) if nodes_per_token.numel() else 0
+        assert most <= case["max_nodes"], f"{where}: a token crossed {most} > M = {case['max_nodes']} nodes"
     assert (stats.dispatch_inter_bytes, stats.dispatch_intra_bytes) == (inter, intra), (
         f"{where}: bytes inter/intra {stats.dispatch_inter_bytes}/{stats.dispatch_intra_bytes} != {inter}/{intra}")
 

@@ -33,6 +33,8 @@ def build(overrides: list[str]):
     register_schema()
     with initialize_config_module("moetron.hydra_conf", version_base=None):
         config = to_config(compose("config", overrides=[*overrides, "run.dry_run=true"]))
+    if dist.is_initialized():  # the world of one an earlier in-process trainer left behind
+        dist.destroy_process_group()
     try:
         trainer = Trainer(config)
         return trainer, dry_run.measure(trainer), dry_run.planned_items(config, trainer.pp_index)[0]

@@ -70,7 +70,7 @@ def test_nan_loss_skips_the_update_and_leaves_weights_unchanged(corpus, tmp_path
 
 
 def test_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = [*data, "train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=5",
               "train.steps=40", "monitor.wandb=false", "monitor.report=false"]
     straight = run_cli(f"run.dir={tmp_path / 'a'}", *common, cwd=tmp_path)
@@ -98,7 +98,7 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(corpus, tmp_pa
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = [*data, "train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=4",
               "train.steps=12", "monitor.wandb=false", "monitor.report=false"]
     crash = "monitor.faults=[{step:8,kind:crash_in_checkpoint}]"

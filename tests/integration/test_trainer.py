@@ -104,7 +104,7 @@ def run_cli(*args, cwd):
 
 
 def test_cli_trains_resumes_and_reports_bad_values(corpus, tmp_path):
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     small = ["train.steps=4", "train.seq_len=32", "train.eval_every=2", "run.progress=false", "monitor.wandb=false"]
     run_dir = tmp_path / "run"
     first = run_cli(f"run.dir={run_dir}", *data, *small, cwd=tmp_path)
@@ -123,7 +123,7 @@ def test_cli_trains_resumes_and_reports_bad_values(corpus, tmp_path):
 
 def test_cli_resumes_after_a_kill_mid_run(corpus, tmp_path):
     """A run killed between checkpoints resumes from the last one and ends with the same weights."""
-    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]"]
+    data = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null"]
     common = ["train.seq_len=32", "train.eval_every=0", "run.progress=false", "run.save_every=3", "monitor.wandb=false"]
     straight = run_cli(f"run.dir={tmp_path / 'a'}", *data, *common, "train.steps=6", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr

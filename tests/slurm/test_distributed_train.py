@@ -1,4 +1,4 @@
-"""The distributed trainer on the local Slurm cluster: 2 nodes x 2 ranks (DualPipe pp=2 x dp=2, EP=2 across
+"""The trainer on the local Slurm cluster: 2 nodes x 2 ranks (DualPipe pp=2 x dp=2, EP=2 across
 the nodes with node-limited routing), and the same run under mpiexec giving the same losses."""
 
 import importlib.util
@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slurm, pytest.mark.timeout(900),
-    pytest.mark.skipif(importlib.util.find_spec("moetron.train.distributed") is None,
-                       reason="needs the distributed trainer (moetron.train.distributed)"),
-]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 STEPS = 20
 
 
 def common(corpus, run_dir):
-    return ["parallel=cpu_2x2", f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]",
+    return ["parallel=cpu_2x2", f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null",
             "train.seq_len=32", "train.eval_every=0", "train.micro_batch_size=1", "run.progress=false",
             f"train.steps={STEPS}", "monitor.wandb=false", "monitor.report=false", f"run.dir={run_dir}"]
 

@@ -44,7 +44,7 @@ def test_two_nodes_by_two_ranks_probe(slurm, tmp_path, launcher):
 
 
 def test_usr1_requeues_and_the_job_resumes_exactly(slurm, tmp_path, corpus):
-    common = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "train.seq_len=32",
+    common = [f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]", "data.tokenizer=null", "train.seq_len=32",
               "train.eval_every=0", "run.progress=false", "run.save_every=1000", "train.steps=150",
               "monitor.wandb=false", "monitor.report=false"]
     run_dir = tmp_path / "slurm-run"

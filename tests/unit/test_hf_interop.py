@@ -382,7 +382,7 @@ def test_imported_run_resumes_in_the_trainer(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 4}) + "\n"
                               for i in range(40)))
-    overrides = [f"data.train_files=[{corpus}]", f"data.val_files=[{corpus}]", "train.seq_len=32",
+    overrides = [f"data.train_files=[{corpus}]", f"data.val_files=[{corpus}]", "data.tokenizer=null", "train.seq_len=32",
                  "train.micro_batch_size=2", "train.global_batch_size=2", "train.batch_ramp_start=2"]
     dst = tmp_path / "run"
     report = import_checkpoint(tmp_path / "hf", dst, overrides=overrides, name="from_hf")

@@ -45,12 +45,16 @@ def test_falling_loss_is_not_a_spike():
     assert all(d.judge(step, 10.0 / step, 5.0 / step).ok for step in range(1, 200))
 
 
-def test_forget_after_drops_rolled_back_history():
+def test_state_round_trip_judges_like_the_original():
+    """A detector restored from state() (a checkpoint) judges the next steps exactly as the original."""
     d = detector()
     for step in range(1, 21):
         d.judge(step, noisy(step), 1.0)
-    d.forget_after(12)
-    assert [h[0] for h in d.history] == list(range(1, 13))
+    restored = detector()
+    restored.load_state(d.state())
+    assert list(restored.history) == list(d.history)
+    for step, loss in ((21, noisy(21)), (22, 100.0), (23, noisy(23))):
+        assert restored.judge(step, loss, 1.0) == d.judge(step, loss, 1.0)
 
 
 def test_faults_fire_once_and_not_after_a_restart():

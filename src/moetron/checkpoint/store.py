@@ -6,7 +6,11 @@ A checkpoint is a flat mapping key -> tensor, written with torch.distributed.che
 Keys are independent of the layout (checkpoint/state.py): the full model's parameter names, one tensor per
 global routed expert, optimizer state per parameter. So any layout reads any checkpoint: it asks for the
 keys of what it holds. Saving is collective over the ranks (`barrier`), rank 0 does the file-system steps:
-write under a temporary name, then rename (a crash never leaves a half checkpoint), keep the newest `keep`.
+write under a temporary name, add `manifest.json` (size and SHA-256 of every file), then rename (a crash
+never leaves a half checkpoint), keep the newest `keep`. Loading checks the manifest first (rank 0, verdict
+shared): a checkpoint with a flipped, truncated or missing file is named and moved aside as
+`step_N.corrupt`, so it is never loaded, never chosen by a rollback and not counted among the kept ones.
+DCP's `.metadata` is read without general unpickling (checkpoint/metadata.py).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moetron.checkpoint.manifest import verify_manifest, write_manifest
+from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
 from moetron.checkpoint.state import FlatChunk
 from moetron.config import ConfigError
 
@@ -77,11 +84,12 @@ class CheckpointStore:
         with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(owned, checkpoint_id=str(tmp), process_group=self.process_group)
-        if self.rank == 0:
+        if self.rank == 0:  # every rank's shards are written once dcp.save returns: seal them
             with open(tmp / TRAIN_STATE, "w") as f:
                 json.dump(train_state, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+            write_manifest(tmp)
         if before_publish is not None:
             before_publish()
         self.barrier()
@@ -108,8 +116,8 @@ class CheckpointStore:
 
     # ---- load -----------------------------------------------------------------------------------------
     def load_latest(self, state: dict[str, torch.Tensor]) -> LoadedCheckpoint | None:
-        """Load the newest checkpoint that reads back into `state`; fall back past corrupt ones (reported in
-        `skipped`)."""
+        """Load the newest checkpoint that reads back into `state`; fall back past damaged ones (moved aside)
+        and unreadable ones (both reported in `skipped`)."""
         self.barrier()  # rank 0 may just have removed stale temporaries
         skipped = []
         for path in reversed(self.complete()):
@@ -129,8 +137,8 @@ class CheckpointStore:
     def load(self, path: Path, state: dict[str, torch.Tensor]) -> dict:
         """Copy the checkpoint's values into the tensors of `state` (key -> destination); a model-only
         checkpoint fills only the model's keys and leaves the rest (the optimizer's) as they are."""
+        self._check_integrity(path)
         train_state = read_train_state(path)
-        verify_shards(path)
         if not train_state.get("has_optimizer", True):
             state = {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
         if not train_state.get("has_masters", False):  # FP32 parameters are their own masters
@@ -143,6 +151,30 @@ class CheckpointStore:
             for key, target in state.items():
                 _local(target).copy_(buffers[key])
         return train_state
+
+    def _check_integrity(self, path: Path) -> None:
+        """Rank 0 checks the manifest and the shards and shares the verdict; a damaged checkpoint is moved
+        aside as step_N.corrupt and raises ConfigError naming the file."""
+        reason = None
+        if self.rank == 0:
+            try:
+                read_train_state(path)
+                verify_manifest(path)
+                verify_shards(path)
+            except ConfigError as err:
+                reason = str(err)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [reason]
+            dist.broadcast_object_list(verdict, src=0, group=self.process_group)
+            reason = verdict[0]
+        if reason is None:
+            return
+        aside = path.with_name(path.name + ".corrupt")
+        if self.rank == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        self.barrier()
+        raise ConfigError(f"{reason} The checkpoint was moved aside to {aside}.")
 
 
 def _local(value) -> torch.Tensor:
@@ -159,10 +191,7 @@ def _own(value):
 def verify_shards(path: Path) -> None:
     """Check that every byte range DCP's metadata points at exists, so a truncated or missing shard is
     reported by file name before anything is loaded."""
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as err:
-        raise ConfigError(f"Checkpoint file {path / '.metadata'} is missing or corrupt ({type(err).__name__}).") from err
+    metadata = read_dcp_metadata(path)  # no general unpickling; a ConfigError naming the file
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -188,7 +217,7 @@ def load_dcp(state: dict, path: Path, process_group=None) -> None:
     try:
         with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
     except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
         raise ConfigError(f"Checkpoint {path} is incomplete or corrupt ({cause[0].strip()}).") from err

@@ -12,7 +12,15 @@ from moetron.config import MoetronConfig
 from moetron.config.errors import invalid
 
 LAUNCHERS = ("torchrun", "srun")  # torchrun: one srun task per node; srun: one srun task per rank
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")
+# What reaches the sbatch script must not end the #SBATCH block (a newline) or be read by the shell as
+# anything but a word: names, paths and sizes are letters, digits and _ . , : + = @ % / - only.
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:+=@%/-]*")
+_PLAIN_VALID = "letters, digits and _ . , : + = @ % / - (no spaces, quotes, control or shell characters)"
+_PLAIN_FIELDS = ("name", "partition", "account", "qos", "mem", "log_dir", "workdir", "python", "script")
+# Extra sbatch options may also use Slurm's constraint operators (--constraint=[a100|h100]&ib).
+_SBATCH_OPTION = re.compile(r"-[A-Za-z0-9_.,:+=@%/|&\[\]*-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -68,7 +76,10 @@ def validate_cluster(c: ClusterConfig, prefix: str = "cluster") -> None:
     if c.gpus_per_node and c.ranks_per_node and c.ranks_per_node != c.gpus_per_node:
         raise invalid(f"{prefix}.ranks_per_node", c.ranks_per_node,
                       f"0 or cluster.gpus_per_node ({c.gpus_per_node})", "Each rank drives one GPU.")
-    if not _TIME.match(c.time):
+    for name in _PLAIN_FIELDS:
+        if not _PLAIN.fullmatch(getattr(c, name)):
+            raise invalid(f"{prefix}.{name}", getattr(c, name), _PLAIN_VALID)
+    if not _TIME.fullmatch(c.time):
         raise invalid(f"{prefix}.time", c.time, "a Slurm time such as 30, 04:00:00 or 2-00:00:00")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", c.job_name):
         raise invalid(f"{prefix}.job_name", c.job_name, "letters, digits and _ . + -")
@@ -76,9 +87,17 @@ def validate_cluster(c: ClusterConfig, prefix: str = "cluster") -> None:
         raise invalid(f"{prefix}.module", c.module, "a Python module path such as moetron.train")
     if not 1024 <= c.rdzv_port <= 45000:
         raise invalid(f"{prefix}.rdzv_port", c.rdzv_port, "1024..45000 (the job id modulo 20000 is added)")
-    for key in c.env:
+    for key, value in c.env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise invalid(f"{prefix}.env", key, "environment variable names (letters, digits, _)")
-    for line in c.sbatch_extra:
-        if not line.startswith("-") or "\n" in line:
-            raise invalid(f"{prefix}.sbatch_extra", line, "sbatch options such as '--exclusive' or '--constraint=a100'")
+        if _CONTROL.search(str(value)):  # the value itself is quoted in the script (shlex.quote)
+            raise invalid(f"{prefix}.env.{key}", value, "a value without control characters (newlines, tabs, ...)")
+    for i, line in enumerate(c.setup):  # shell lines by design (module load ..., source ...), one line each
+        if _CONTROL.search(line):
+            raise invalid(f"{prefix}.setup[{i}]", line, "one shell line without control characters; give "
+                          "several lines as several list items")
+    for i, line in enumerate(c.sbatch_extra):
+        if not _SBATCH_OPTION.fullmatch(line):
+            raise invalid(f"{prefix}.sbatch_extra[{i}]", line, "one sbatch option such as '--exclusive' or "
+                          "'--constraint=a100|h100': letters, digits and _ . , : + = @ % / - | & [ ] *, no spaces, "
+                          "quotes, control or shell characters")

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
 
 
@@ -22,16 +23,17 @@ class HardwareConfig:
     op_overhead_us: float = 0.0  # fixed launch/dispatch cost per operator (matters on CPU, ~0 on GPU)
 
     def validate(self, prefix: str = "hardware") -> "HardwareConfig":
+        require_finite(self, prefix)
         for name in ("gpu_memory_gb", "bf16_tflops", "fp8_tflops", "fp32_tflops", "nvlink_gbps", "internode_gbps"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise invalid(f"{prefix}.{name}", getattr(self, name), "a number > 0")
         for name in ("runtime_overhead_gb", "p2p_latency_us", "op_overhead_us"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise invalid(f"{prefix}.{name}", getattr(self, name), "a number >= 0")
         if not 0 < self.achievable_fraction <= 1:
             raise invalid(f"{prefix}.achievable_fraction", self.achievable_fraction, "a fraction in (0, 1]")
         if not 0 <= self.comm_sm_fraction < 1:
             raise invalid(f"{prefix}.comm_sm_fraction", self.comm_sm_fraction, "a fraction in [0, 1)")
-        if self.gpus_per_node < 1:
+        if not self.gpus_per_node >= 1:
             raise invalid(f"{prefix}.gpus_per_node", self.gpus_per_node, "a positive integer")
         return self

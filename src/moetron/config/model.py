@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
 
 
@@ -56,6 +57,7 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def validate(self, prefix: str = "model") -> None:
+        require_finite(self, prefix)
         positive = [
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
@@ -63,10 +65,10 @@ class ModelConfig:
         ]
         for name in positive:
             value = getattr(self, name)
-            if value <= 0:
+            if not value > 0:
                 raise invalid(f"{prefix}.{name}", value, "a positive integer")
         for name in ["q_lora_rank", "n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"]:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise invalid(f"{prefix}.{name}", getattr(self, name), "an integer >= 0")
         if self.qk_rope_head_dim % 2:
             raise invalid(f"{prefix}.qk_rope_head_dim", self.qk_rope_head_dim, "an even number",
@@ -97,13 +99,20 @@ class ModelConfig:
         if self.num_experts_per_tok // self.topk_group > self.n_routed_experts // self.n_group:
             raise invalid(f"{prefix}.topk_group", self.topk_group,
                           "a value with K / M <= experts per group")
-        if self.routed_scaling_factor <= 0:
-            raise invalid(f"{prefix}.routed_scaling_factor", self.routed_scaling_factor, "a number > 0")
-        if self.aux_loss_alpha < 0:
+        for name in ("routed_scaling_factor", "initializer_range", "rope_theta", "rms_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise invalid(f"{prefix}.{name}", getattr(self, name), "a number > 0")
+        if not self.aux_loss_alpha >= 0:
             raise invalid(f"{prefix}.aux_loss_alpha", self.aux_loss_alpha, "a number >= 0")
-        if self.initializer_range <= 0:
-            raise invalid(f"{prefix}.initializer_range", self.initializer_range, "a number > 0")
-        if self.rope_scaling.type not in ("none", "yarn"):
-            raise invalid(f"{prefix}.rope_scaling.type", self.rope_scaling.type, "'none' or 'yarn'")
-        if self.rope_scaling.type == "yarn" and self.rope_scaling.factor < 1:
-            raise invalid(f"{prefix}.rope_scaling.factor", self.rope_scaling.factor, "a number >= 1")
+        rope = self.rope_scaling
+        if rope.type not in ("none", "yarn"):
+            raise invalid(f"{prefix}.rope_scaling.type", rope.type, "'none' or 'yarn'")
+        if rope.type == "yarn":
+            if not rope.factor >= 1:
+                raise invalid(f"{prefix}.rope_scaling.factor", rope.factor, "a number >= 1")
+            for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+                if not getattr(rope, name) > 0:
+                    raise invalid(f"{prefix}.rope_scaling.{name}", getattr(rope, name), "a number > 0")
+            for name in ("mscale", "mscale_all_dim"):
+                if not getattr(rope, name) >= 0:
+                    raise invalid(f"{prefix}.rope_scaling.{name}", getattr(rope, name), "a number >= 0")

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
 
 SPIKE_POLICIES = ("warn", "skip", "rollback")
@@ -10,8 +11,9 @@ FAULT_KINDS = ("nan_loss", "scale_loss", "corrupt_batch", "crash", "crash_in_che
 
 @dataclass
 class SpikeConfig:
-    """A step is a spike when its loss (or grad norm) exceeds mean + sigmas * std of the last `window`
-    accepted steps. NaN/Inf always skips the update; spikes follow `policy`."""
+    """A step is a spike when its loss (or grad norm) exceeds the linear trend of the last `window` accepted
+    steps (extrapolated to it) + sigmas * their std around that trend. NaN/Inf always skips the update;
+    spikes follow `policy`."""
 
     policy: str = "rollback"  # for loss spikes: warn | skip (drop that update) | rollback (PaLM-style)
     # For grad-norm spikes alone (the loss still normal). Clipping already bounds such an update, and small
@@ -49,23 +51,30 @@ class MonitorConfig:
 
 
 def validate_monitor(monitor: MonitorConfig, prefix: str = "monitor") -> None:
+    require_finite(monitor, prefix)
     if monitor.wandb_mode not in ("offline", "online", "disabled"):
         raise invalid(f"{prefix}.wandb_mode", monitor.wandb_mode, "'offline', 'online' or 'disabled'")
-    if monitor.expert_load_every <= 0:
+    if not monitor.expert_load_every > 0:
         raise invalid(f"{prefix}.expert_load_every", monitor.expert_load_every, "a positive integer")
+    if not monitor.peak_tflops >= 0:
+        raise invalid(f"{prefix}.peak_tflops", monitor.peak_tflops, "a number >= 0 (0: MFU not reported)")
     spike = monitor.spike
     for name in ("policy", "grad_policy"):
         if getattr(spike, name) not in SPIKE_POLICIES:
             raise invalid(f"{prefix}.spike.{name}", getattr(spike, name), " | ".join(SPIKE_POLICIES))
-    if spike.window < 2 or spike.min_history < 2 or spike.min_history > spike.window:
-        raise invalid(f"{prefix}.spike.min_history", spike.min_history,
-                      f"2..spike.window ({spike.window}), with window >= 2")
-    if spike.sigmas <= 0 or spike.min_ratio < 1:
-        raise invalid(f"{prefix}.spike.sigmas", spike.sigmas, "sigmas > 0 and min_ratio >= 1")
-    if spike.rollback_skip_batches < 0 or spike.max_rollbacks < 0:
-        raise invalid(f"{prefix}.spike.rollback_skip_batches", spike.rollback_skip_batches, "an integer >= 0")
+    if not spike.window >= 2:
+        raise invalid(f"{prefix}.spike.window", spike.window, "an integer >= 2")
+    if not 2 <= spike.min_history <= spike.window:
+        raise invalid(f"{prefix}.spike.min_history", spike.min_history, f"2..spike.window ({spike.window})")
+    if not spike.sigmas > 0:
+        raise invalid(f"{prefix}.spike.sigmas", spike.sigmas, "a number > 0")
+    if not spike.min_ratio >= 1:
+        raise invalid(f"{prefix}.spike.min_ratio", spike.min_ratio, "a number >= 1")
+    for name in ("rollback_skip_batches", "max_rollbacks"):
+        if not getattr(spike, name) >= 0:
+            raise invalid(f"{prefix}.spike.{name}", getattr(spike, name), "an integer >= 0")
     for i, fault in enumerate(monitor.faults):
         if fault.kind not in FAULT_KINDS:
             raise invalid(f"{prefix}.faults[{i}].kind", fault.kind, " | ".join(FAULT_KINDS))
-        if fault.step <= 0:
+        if not fault.step > 0:
             raise invalid(f"{prefix}.faults[{i}].step", fault.step, "a step number >= 1")

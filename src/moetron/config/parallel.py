@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from moetron.config.checks import require_finite
 from moetron.config.errors import invalid
 
 
@@ -40,14 +41,15 @@ def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> Non
     from moetron.parallel.mesh import RANK_ORDERS
     from moetron.parallel.schedules import SCHEDULES
 
+    require_finite(parallel, prefix)
     for name in ("pp", "dp", "ep", "tp"):
-        if getattr(parallel, name) < 1:
+        if not getattr(parallel, name) >= 1:
             raise invalid(f"{prefix}.{name}", getattr(parallel, name), "a positive integer")
     if parallel.ep_dispatch not in MODES:
         raise invalid(f"{prefix}.ep_dispatch", parallel.ep_dispatch, " | ".join(MODES))
-    if parallel.link_model_scale < 0:
+    if not parallel.link_model_scale >= 0:
         raise invalid(f"{prefix}.link_model_scale", parallel.link_model_scale, "0 (off) or a positive factor")
-    if parallel.ranks_per_node < 0:
+    if not parallel.ranks_per_node >= 0:
         raise invalid(f"{prefix}.ranks_per_node", parallel.ranks_per_node, "0 (from the launcher) or a positive integer")
     if parallel.dp % parallel.ep:
         raise invalid(f"{prefix}.ep", parallel.ep, f"a divisor of parallel.dp ({parallel.dp})",

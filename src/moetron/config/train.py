@@ -2,7 +2,12 @@
 
 from dataclasses import dataclass, field
 
+from moetron.config.checks import require_finite
+from moetron.config.data import BlendSource, DataConfig, SpecialTokens, validate_data
 from moetron.config.errors import invalid
+
+__all__ = ["BlendSource", "DataConfig", "OptimConfig", "RunConfig", "SpecialTokens", "TrainConfig",
+           "validate_data", "validate_run", "validate_train"]
 
 
 @dataclass
@@ -43,15 +48,10 @@ class TrainConfig:
     param_dtype: str = "fp32"
     eval_every: int = 50  # steps; 0 disables validation
     eval_batches: int = 4  # micro-batches of the held-out split per validation
+    # Stop the run (exit 1) after this many consecutive steps whose loss or grad norm was NaN/Inf (each one's
+    # update skipped): the last finite checkpoints are kept, and training on would only repeat the failure.
+    max_nonfinite_steps: int = 10
     optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["data/corpus/train.jsonl"])
-    val_files: list[str] = field(default_factory=lambda: ["data/corpus/val.jsonl"])
-    tokenizer: str | None = None  # None: byte-level; else a Hugging Face `tokenizers` JSON file
-    fim_rate: float = 0.1  # share of documents rewritten as Fill-in-Middle (PSM layout)
 
 
 @dataclass
@@ -71,8 +71,9 @@ class RunConfig:
 
 
 def validate_train(train: TrainConfig, prefix: str = "train") -> None:
-    for name in ["steps", "seq_len", "micro_batch_size", "global_batch_size", "batch_ramp_start"]:
-        if getattr(train, name) <= 0:
+    require_finite(train, prefix)
+    for name in ["steps", "seq_len", "micro_batch_size", "global_batch_size", "batch_ramp_start", "max_nonfinite_steps"]:
+        if not getattr(train, name) > 0:
             raise invalid(f"{prefix}.{name}", getattr(train, name), "a positive integer")
     if train.global_batch_size % train.micro_batch_size:
         raise invalid(f"{prefix}.global_batch_size", train.global_batch_size,
@@ -87,41 +88,50 @@ def validate_train(train: TrainConfig, prefix: str = "train") -> None:
         raise invalid(f"{prefix}.precision", train.precision, "'fp32' or 'bf16'")
     if train.param_dtype not in ("fp32", "bf16"):
         raise invalid(f"{prefix}.param_dtype", train.param_dtype, "'fp32' or 'bf16'")
-    if train.eval_every < 0 or train.eval_batches < 0:
+    if not train.eval_every >= 0:
         raise invalid(f"{prefix}.eval_every", train.eval_every, "an integer >= 0 (0 disables validation)")
-    for name in ["mtp_lambda", "mtp_lambda_final", "bias_update_rate"]:
-        if getattr(train, name) < 0:
+    if not train.eval_batches >= (1 if train.eval_every > 0 else 0):
+        raise invalid(f"{prefix}.eval_batches", train.eval_batches,
+                      "a positive integer (or 0 with train.eval_every=0, validation off)")
+    for name in ["mtp_lambda", "mtp_lambda_final", "bias_update_rate", "batch_ramp_tokens",
+                 "mtp_lambda_switch_tokens", "bias_update_stop_tokens"]:
+        if not getattr(train, name) >= 0:
             raise invalid(f"{prefix}.{name}", getattr(train, name), "a number >= 0")
-    opt = train.optim
-    if opt.lr <= 0 or opt.min_lr < 0 or opt.final_lr < 0:
-        raise invalid(f"{prefix}.optim.lr", opt.lr, "lr > 0 with min_lr and final_lr >= 0")
-    if opt.warmup_steps < 0:
-        raise invalid(f"{prefix}.optim.warmup_steps", opt.warmup_steps, "an integer >= 0")
-    if not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
-        raise invalid(f"{prefix}.optim.beta1/beta2", (opt.beta1, opt.beta2), "numbers in [0, 1)")
-    if opt.grad_clip < 0 or opt.weight_decay < 0:
-        raise invalid(f"{prefix}.optim.grad_clip", opt.grad_clip, "numbers >= 0 for grad_clip and weight_decay")
+    validate_optim(train.optim, f"{prefix}.optim")
+
+
+def validate_optim(opt: OptimConfig, prefix: str = "train.optim") -> None:
+    require_finite(opt, prefix)
+    for name in ("lr", "eps"):
+        if not getattr(opt, name) > 0:
+            raise invalid(f"{prefix}.{name}", getattr(opt, name), "a number > 0")
+    for name in ("min_lr", "final_lr", "weight_decay", "grad_clip", "decay_start_tokens", "final_lr_start_tokens"):
+        if not getattr(opt, name) >= 0:
+            raise invalid(f"{prefix}.{name}", getattr(opt, name), "a number >= 0" + (
+                " (0 disables clipping)" if name == "grad_clip" else ""))
+    if not opt.decay_tokens > 0:
+        raise invalid(f"{prefix}.decay_tokens", opt.decay_tokens, "a number of tokens > 0")
+    if not opt.warmup_steps >= 0:
+        raise invalid(f"{prefix}.warmup_steps", opt.warmup_steps, "an integer >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(opt, name) < 1:
+            raise invalid(f"{prefix}.{name}", getattr(opt, name), "a number in [0, 1)")
     if opt.moment_dtype not in ("bfloat16", "float32"):
-        raise invalid(f"{prefix}.optim.moment_dtype", opt.moment_dtype, "'bfloat16' or 'float32'")
-
-
-def validate_data(data: DataConfig, prefix: str = "data") -> None:
-    if not 0.0 <= data.fim_rate <= 1.0:
-        raise invalid(f"{prefix}.fim_rate", data.fim_rate, "a probability in [0, 1]")
-    if not data.train_files:
-        raise invalid(f"{prefix}.train_files", data.train_files, "a non-empty list of text files")
+        raise invalid(f"{prefix}.moment_dtype", opt.moment_dtype, "'bfloat16' or 'float32'")
 
 
 def validate_run(run: RunConfig, prefix: str = "run") -> None:
     if not run.dir:
         raise invalid(f"{prefix}.dir", run.dir, "a directory path")
     for name in ["log_every", "keep_checkpoints"]:
-        if getattr(run, name) <= 0:
+        if not getattr(run, name) > 0:
             raise invalid(f"{prefix}.{name}", getattr(run, name), "a positive integer")
     if run.rank < 0:
         raise invalid(f"{prefix}.rank", run.rank, "a rank of the layout, 0 <= run.rank < parallel.pp x parallel.dp")
-    if run.save_every < 0 or run.threads < 0:
+    if not run.save_every >= 0:
         raise invalid(f"{prefix}.save_every", run.save_every, "an integer >= 0 (0: every quarter of the run)")
+    if not run.threads >= 0:
+        raise invalid(f"{prefix}.threads", run.threads, "an integer >= 0 (0 keeps torch's default)")
     from moetron.device import DEVICES
 
     if run.device not in DEVICES:

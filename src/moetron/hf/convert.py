@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import CheckpointStore
+from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
 from moetron.checkpoint.state import model_entries
 from moetron.checkpoint.store import STEP_DIR, TRAIN_STATE
 from moetron.config import ConfigError, ModelConfig, MoetronConfig
@@ -94,11 +95,7 @@ def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
     """The model tensors of a moetron DCP checkpoint (with or without optimizer state), checked against `cfg`.
     Checkpoints store each routed expert on its own (model.<stack>.<global id>, checkpoint/state.py): those
     load straight into the rows of the stacked tensor."""
-    try:
-        stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise ConfigError(f"Checkpoint {step_dir} cannot be read ({type(err).__name__}: {err}). Valid: a complete "
-                          "checkpoint written by moetron (checkpoints/step_NNNNNNNN with its .metadata file).") from err
+    stored = read_dcp_metadata(step_dir).state_dict_metadata  # no general unpickling: ConfigError naming the file
     state, flat = {}, {}  # flat: the DCP keys to load, each into a tensor (or an expert's row) of `state`
     for name, shape in expected_state(cfg).items():
         meta = stored.get(f"model.{name}")
@@ -123,7 +120,7 @@ def read_checkpoint(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
     try:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": flat}, checkpoint_id=str(step_dir))
+            dcp.load({"model": flat}, storage_reader=SafeFileSystemReader(str(step_dir)))
     except Exception as err:
         raise ConfigError(f"Checkpoint {step_dir} is incomplete or corrupt ({type(err).__name__}: {err}).") from err
     return state
@@ -134,7 +131,7 @@ def _tokenizer_eos(config: MoetronConfig) -> tuple[int | None, Path | None]:
     try:
         from moetron.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(config.data.tokenizer)
+        tok = load_tokenizer(config.data.tokenizer, config.data.special_tokens)
     except Exception:  # the tokenizer file may not travel with the checkpoint; the ids are optional
         return None, None
     path = Path(config.data.tokenizer) if config.data.tokenizer else None

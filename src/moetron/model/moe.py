@@ -74,6 +74,16 @@ def run_experts(experts: GroupedExperts, x: torch.Tensor, routing: Routing) -> t
     return (y * routing.gates.unsqueeze(-1)).sum(1).to(x.dtype)  # fixed order over k: deterministic
 
 
+def start_routed_experts(runner, experts: nn.Module, x: torch.Tensor, routing: Routing):
+    """Start the routed experts; returns the call that finishes them (-> [T, H]). A runner with a `start`
+    method (expert parallelism: model/moe_ep.py) has its tokens in flight in between; any other runner
+    (run_experts) runs when finished."""
+    start = getattr(runner, "start", None)
+    if start is not None:
+        return start(experts, x, routing)
+    return lambda: runner(experts, x, routing)
+
+
 def sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor, num_experts: int, alpha: float):
     """L_bal = alpha * sum_i f_i P_i per sequence, averaged over sequences.
     scores [B, S, E] FP32 affinities; experts [B, S, K] selected ids."""
@@ -110,7 +120,8 @@ class MoE(nn.Module):
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
         # How the routed experts run: run_experts(experts, x, routing) on one device. Expert parallelism
-        # replaces it (and `experts` by this rank's block) from outside: model/moe_ep.py.
+        # replaces it (and `experts` by this rank's block) from outside: model/moe_ep.py, whose runner also
+        # has start(experts, x, routing) -> finish, so that its transfers are in flight between the two.
         self.expert_runner = run_experts
         self.expert_offset = 0  # global id of experts[0]
         # Weight of the balance loss's gradient per forward (1 / micro-batches per step; set by the trainer).
@@ -124,9 +135,13 @@ class MoE(nn.Module):
         batch, seq, hidden = h.shape
         x = h.reshape(-1, hidden)
         routing = self.gate(x)
-        out = self.expert_runner(self.experts, x, routing)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        # The routed experts start first and finish after the shared experts: with expert parallelism the
+        # tokens travel (dispatch) while the shared experts compute (arXiv 2412.19437 §3.2.1).
+        routed = start_routed_experts(self.expert_runner, self.experts, x, routing)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = routed()
+        if shared is not None:
+            out = out + shared
         out = out.view(batch, seq, hidden)
         if self.training and torch.is_grad_enabled():
             self._record(routing)

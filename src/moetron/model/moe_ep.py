@@ -24,15 +24,26 @@ from moetron.model.moe import GroupedExperts, MoE, Routing
 
 
 class ExpertParallelRunner:
-    """Dispatch -> this rank's experts -> combine; called by MoE.forward in place of run_experts."""
+    """Dispatch -> this rank's experts -> combine; started and finished by MoE.forward in place of
+    run_experts (start_routed_experts)."""
 
     def __init__(self, dispatcher: Dispatcher, experts_per_rank: int):
         self.dispatcher, self.experts_per_rank = dispatcher, experts_per_rank
 
     def __call__(self, experts: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        received = self.dispatcher.dispatch(x, routing.experts, routing.gates)
-        y = run_local_experts(experts, received.x, received.expert_ids, received.gates, self.experts_per_rank)
-        return self.dispatcher.combine(y, received).to(x.dtype)
+        return self.start(experts, x, routing)()
+
+    def start(self, experts: nn.Module, x: torch.Tensor, routing: Routing):
+        """Issue the dispatch; returns the call that waits for it, runs the local experts and combines (its
+        wait just before the consumer: comm/overlap.py hands over to the other chunk of a pair there)."""
+        pending = self.dispatcher.dispatch_async(x, routing.experts, routing.gates)
+
+        def finish() -> torch.Tensor:
+            received = pending.wait()
+            y = run_local_experts(experts, received.x, received.expert_ids, received.gates, self.experts_per_rank)
+            return self.dispatcher.combine(y, received).to(x.dtype)
+
+        return finish
 
 
 def shard_experts(moe: MoE, ep: EPGroup, mode: str = "two_hop", fp8_dispatch: bool = False,

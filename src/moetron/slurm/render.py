@@ -98,7 +98,7 @@ def _sbatch_lines(c: ClusterConfig) -> list[str]:
     lines = [f"--time={c.time}"]
     for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem", c.mem)):
         if value:
-            lines.append(f"--{flag}={value}")
+            lines.append(f"--{flag}={shlex.quote(value)}")
     if c.gpus_per_node:
         lines.append(f"--gpus-per-node={c.gpus_per_node}")
     lines += list(c.sbatch_extra)
@@ -122,6 +122,7 @@ def _environment(c: ClusterConfig) -> list[str]:
 
 def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = None) -> str:
     """The sbatch script (text). `overrides` are the command line's; the trainer gets all but cluster.*."""
+    validate_cluster(config.cluster)  # also when called without load(): nothing unchecked reaches the script
     layout = check_layout(config)
     c = config.cluster
     launcher = launcher or c.launcher
@@ -130,14 +131,14 @@ def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = 
     template = resources.files("moetron.slurm").joinpath("templates", TEMPLATES[launcher]).read_text()
     cpus = c.cpus_per_rank * (layout["ranks_per_node"] if launcher == "torchrun" else 1)
     values = dict(
-        job_name=c.job_name, nodes=c.nodes, ranks_per_node=layout["ranks_per_node"], world_size=layout["world_size"],
+        job_name=shlex.quote(c.job_name), nodes=c.nodes, ranks_per_node=layout["ranks_per_node"], world_size=layout["world_size"],
         cpus_per_task=cpus, sbatch_lines="\n".join(_sbatch_lines(c)), log_dir=shlex.quote(c.log_dir),
         signal_seconds=c.signal_seconds, requeue_flag="requeue" if c.requeue else "no-requeue",
         requeue=int(c.requeue), max_requeues=c.max_requeues,
         setup="\n".join(c.setup) if c.setup else "# (no cluster.setup lines)",
         workdir=shlex.quote(c.workdir) if c.workdir else '"$SLURM_SUBMIT_DIR"',
         rdzv_port=c.rdzv_port, environment="\n".join(_environment(c)), python=shlex.quote(c.python),
-        module=c.module, args=" ".join(shlex.quote(o) for o in trainer_overrides(overrides)),
+        module=shlex.quote(c.module), args=" ".join(shlex.quote(o) for o in trainer_overrides(overrides)),
         layout=(f"pp={layout['pp']} dp={layout['dp']} ep={layout['ep']} tp={layout['tp']}; EP groups span "
                 f"{layout['ep_nodes']} node(s); model.n_group={layout['n_group']} topk_group={layout['topk_group']}"),
     )

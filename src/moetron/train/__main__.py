@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from moetron.config import ConfigError
 from moetron.config.hydra import register_schema, to_config
-from moetron.train.trainer import Trainer
+from moetron.train.trainer import Diverged, Trainer
 
 register_schema()
 
@@ -26,6 +26,10 @@ def main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"moetron: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as err:  # the run itself failed: exit 1, its finite checkpoints kept
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"moetron: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -54,6 +54,7 @@ from moetron.train import schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
 from moetron.train.parallelize import materialize, parallelize
+from moetron.train.run_lock import RunDirLock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
 # The config field behind each parameter name moetron.parallel / moetron.comm / moetron.device report.
@@ -74,6 +75,11 @@ def config_fields():
     except ParameterError as err:
         field = CONFIG_FIELDS.get(err.param, err.param)
         raise invalid(field, err.value, err.valid, err.detail) from err
+
+
+class Diverged(RuntimeError):
+    """train.max_nonfinite_steps consecutive steps had a NaN/Inf loss or gradient: the run stops (exit 1),
+    its checkpoints hold only finite weights (a non-finite step is never applied)."""
 
 
 @dataclass
@@ -196,6 +202,7 @@ class Trainer:
         self.sink = None
         self.stop_signal: str | None = None  # set by SIGUSR1/SIGTERM: finish the step, checkpoint, exit
         self.state = TrainState()
+        self.nonfinite_streak = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
 
     # ------------------------------------------------------------------------------------ layout
     def build_mesh(self, ranks_per_node: int) -> ProcessMesh:
@@ -339,7 +346,7 @@ class Trainer:
     def save(self) -> None:
         step = self.state.step
         train_state = {**asdict(self.state), "has_optimizer": True, "has_masters": self.has_masters(),
-                       "layout": self.layout()}
+                       "layout": self.layout(), "spike_history": self.detector.state()}
         path = self.checkpoints.save(step, self.state_entries(), train_state,
                                      before_publish=self.faults.checkpoint_hook(step))
         self.events.event("checkpoint", step, path=str(path))
@@ -351,6 +358,7 @@ class Trainer:
     def start(self) -> None:
         """Create the run directory, or resume from its newest complete checkpoint (saved by any layout)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_run_dir()
         self._check_same_model()
         self.barrier()  # every rank has compared against the saved config before the writer replaces it
         if self.is_writer:
@@ -373,6 +381,7 @@ class Trainer:
     def _resumed(self, loaded) -> None:
         self.after_load(loaded.train_state)
         self.state = TrainState.from_dict(loaded.train_state)
+        self.detector.load_state(loaded.train_state.get("spike_history", []))
         for reason in loaded.skipped:
             self.events.event("checkpoint_skipped", self.state.step, reason=reason)
         self._truncate_logs(self.state.step)  # steps logged after the checkpoint will be redone
@@ -381,6 +390,17 @@ class Trainer:
         saved_layout = loaded.train_state.get("layout")  # None: an HF import
         if saved_layout != self.layout():  # any layout resumes any checkpoint: a note, never an error
             self.events.event("layout_change", self.state.step, old=saved_layout, new=self.layout())
+
+    def _lock_run_dir(self) -> None:
+        """Refuse to share run.dir with another trainer (rank 0 holds the lock; every rank learns the verdict)."""
+        self.run_lock = RunDirLock(self.run_dir)
+        holder = [self.run_lock.acquire() if self.is_writer else None]
+        if self.world > 1:
+            dist.broadcast_object_list(holder, src=0, group=self.runtime.object_group)
+        if holder[0] is not None:
+            raise invalid("run.dir", str(self.run_dir), "a run directory no other trainer is using (wait for that "
+                          "run to end or stop it, or choose another run.dir)",
+                          f"Another trainer is training in it: {holder[0]}.")
 
     def _truncate_logs(self, step: int) -> None:
         self.metrics.truncate_after(step)
@@ -594,6 +614,7 @@ class Trainer:
 
     def decide(self, step: int, verdict: Verdict, loss: float, grad_norm: float) -> str:
         """apply | skip | rollback, from the verdict and the spike policy; every non-apply is an event."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if verdict.kind == "nonfinite" else 0
         if verdict.ok:
             return "apply"
         spike = self.cfg.monitor.spike
@@ -612,23 +633,29 @@ class Trainer:
             self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
         return action
 
-    def _before(self, step: int) -> Path | None:
-        """The newest complete checkpoint taken before `step`."""
-        earlier = [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
-        return earlier[-1] if earlier else None
+    def _before(self, step: int) -> list[Path]:
+        """The complete checkpoints taken before `step`, oldest first."""
+        return [p for p in self.checkpoints.complete() if int(p.name.split("_")[1]) < step]
 
     def rollback(self, spike_step: int, batch_size: int) -> None:
-        """PaLM-style: restore the newest checkpoint before the spike, move the data cursor past the spike
-        plus `rollback_skip_batches` batches, and save at once so a crash cannot replay the bad window."""
-        target = self._before(spike_step)
+        """PaLM-style: restore the newest sound checkpoint before the spike (a damaged one is moved aside and
+        the next older tried), move the data cursor past the spike plus `rollback_skip_batches` batches, and
+        save at once so a crash cannot replay the bad window."""
         cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
-        rollbacks = self.state.rollbacks + 1
-        self.barrier()  # every rank has decided on the same checkpoint before any reads it
-        saved = self.checkpoints.load(target, self.state_entries())
+        self.barrier()  # every rank has decided on the same checkpoints before any reads them
+        for target in reversed(self._before(spike_step)):
+            try:
+                saved = self.checkpoints.load(target, self.state_entries())
+                restored = TrainState.from_dict(saved)
+                break
+            except ConfigError as err:
+                self.events.event("checkpoint_skipped", spike_step, reason=str(err))
+        else:  # nothing sound to go back to: the spike's update was not applied; carry on from here
+            self.events.event("rollback_failed", spike_step, reason="no sound checkpoint before the spike")
+            return
         self.after_load(saved)
-        restored = TrainState.from_dict(saved)
-        self.state = TrainState(restored.step, restored.tokens, cursor, rollbacks)
-        self.detector.forget_after(restored.step)
+        self.state = TrainState(restored.step, restored.tokens, cursor, self.state.rollbacks + 1)
+        self.detector.load_state(saved.get("spike_history", []))
         self._truncate_logs(restored.step)
         self.events.event("rollback", spike_step, to_step=restored.step, checkpoint=str(target),
                           skipped_sequences=cursor - restored.sequences, data_cursor=cursor)
@@ -659,8 +686,8 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict | None:
-        if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM)
-            for signum in (signal.SIGUSR1, signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM, ^C)
+            for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: no step lost
                 signal.signal(signum, self.request_stop)
         if self.dry_run:
             from moetron.train.dry_run import report
@@ -681,6 +708,8 @@ class Trainer:
             step_start = time.perf_counter()
             record = self.train_step()
             loads = record.pop("_loads")
+            if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                return self.diverged(record, bar)
             if record["action"] == "rollback":
                 bar.n = self.state.step
                 bar.refresh()
@@ -696,7 +725,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            saved = step % self.save_every() == 0 or step == total
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
+            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
             if saved:
                 self.save()
             bar.update(1)
@@ -706,6 +736,17 @@ class Trainer:
         self.events.event("finish", self.state.step)
         self.finish()
         return record
+
+    def diverged(self, record: dict, bar):
+        """Stop: nothing finite is left to train on. The checkpoints (all finite) stay as they are."""
+        bar.close()
+        self.log(record, 0.0, 0.0)
+        self.events.event("diverged", self.state.step, nonfinite_steps=self.nonfinite_streak)
+        self.finish()
+        raise Diverged(f"{self.nonfinite_streak} consecutive steps (up to step {self.state.step}) had a NaN or Inf "
+                       f"loss or gradient (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); no update "
+                       f"was applied. The checkpoints in {self.run_dir / 'checkpoints'} hold the last finite weights. "
+                       "Check the data, lower train.optim.lr, or raise train.max_nonfinite_steps.")
 
     def preempt(self, record: dict, saved: bool, bar) -> dict:
         """Stop after a complete step with a checkpoint, so the requeued job resumes with nothing lost."""
@@ -742,6 +783,7 @@ class Trainer:
     def finish(self) -> None:
         if self.ema is not None:
             self.ema.close()
+        self.run_lock.release()
         if self.cfg.monitor.report and self.is_writer:
             from moetron.report import draw_report
 
