@@ -13,7 +13,8 @@ micro-batches inside `loss_fn` for a mean). Ranks holding stage 0 need `inputs`,
 last stage need `targets`; a tensor batch is split along dim 0 into the schedule's micro-batches,
 or a sequence of micro-batches is used as given. Gradients accumulate into `.grad`; with DualPipe
 the two copies of each stage are summed before `step` returns, so both copies hold the total
-(added to what `.grad` held before the step; the copies must start with equal parameters).
+(added to what `.grad` held before the step; the copies must start with equal parameters), unless
+`sum_copies=False`: the caller sums them itself (e.g. as two more holders in a ZeRO reduce-scatter).
 
 An F&B pair calls `forward_backward(forward_job, backward_job)`: the constructor argument if given,
 else the forward module's `overlapped_forward_backward` static/class method if its class has one,
@@ -110,8 +111,10 @@ class PipelineExecutor:
         group: dist.ProcessGroup | None = None,
         forward_backward: Callable[[ForwardJob, BackwardJob], tuple] | None = None,
         device: torch.device | None = None,
+        sum_copies: bool = True,
     ):
         self.schedule = schedule
+        self.sum_copies = sum_copies
         self.group = group
         self.rank = dist.get_rank(group)
         if dist.get_world_size(group) != schedule.num_ranks:
@@ -165,7 +168,8 @@ class PipelineExecutor:
         self._peak = 0
         if forward_only:
             return self._forward_only()
-        earlier = self._take_grads() if s.duplicated_stages else {}
+        sums = s.duplicated_stages and self.sum_copies
+        earlier = self._take_grads() if sums else {}
         self.comm.begin_step(self._inputs)
         for index, step in enumerate(s.steps[self.rank]):
             self.comm.before(index)  # this step's receives, the last step's sends
@@ -184,7 +188,7 @@ class PipelineExecutor:
         self.comm.finish()
         if self._chunks or len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: chunks left after the step: {sorted(self._chunks)}")
-        if s.duplicated_stages:
+        if sums:
             self._sum_copies()
             for p, g in earlier.items():
                 p.grad = g + p.grad

@@ -169,11 +169,16 @@ class ChunkBackward:
 
 
 def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """p.grad += g, as autograd's AccumulateGrad would (same arithmetic, so results match bitwise)."""
+    """p.grad += g, as autograd's AccumulateGrad would (same arithmetic, so results match bitwise); into
+    p.main_grad instead where the parameter carries one (an FP32 accumulation buffer, Megatron's convention:
+    autograd's own accumulation then goes there too, through a hook of the trainer)."""
     for p, g in zip(params, grads):
         if g is None:
             continue
-        if p.grad is None:
+        main = getattr(p, "main_grad", None)
+        if main is not None:
+            main.add_(g)
+        elif p.grad is None:
             p.grad = g.detach().clone()
         else:
             p.grad.add_(g)

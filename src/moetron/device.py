@@ -89,6 +89,17 @@ def start(requested: str, timeout_minutes: float = 10.0) -> Runtime:
     return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank, object_group, owns_group)
 
 
+def start_fake(requested: str, rank: int, world_size: int) -> Runtime:
+    """A dry run: rank `rank` of a world of `world_size`, alone in this process, over torch's fake process
+    group (every collective returns at once and moves nothing), so any rank of any layout can be built."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    device = choose_device(requested, 0)
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), 0, None)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast on the device's own type to `dtype` (None: compute in the parameters' dtype)."""
     if dtype is None:

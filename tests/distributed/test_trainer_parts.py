@@ -1,6 +1,6 @@
 """Pieces of the distributed trainer that need no processes: the stage split (a single stage holding the
 whole model computes exactly the model's losses and gradients), selective recompute (same gradients,
-bitwise), the DP/EP-across-nodes rank order, and the ZeRO-1 partition."""
+bitwise), the DP/EP-across-nodes rank order, and the ZeRO-1 shards' pieces."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from moetron.parallel.mesh import MeshLayout
 
 from moetron.model import DeepSeekV3
 from moetron.model.stages import apply_selective_recompute, layer_ranges, split_stages
-from moetron.train.zero import ShardGroup
+from moetron.train.zero import Bucket, ShardGroup
 
 
 def _model_and_batch():
@@ -72,8 +72,21 @@ def test_pp_inner_rank_order_puts_ep_across_nodes():
     assert default.ep_groups() == [[0, 1], [2, 3]]
 
 
-def test_zero_partition_is_balanced_and_whole():
-    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate([10, 7, 5, 3, 3, 2])]
-    owners = ShardGroup([0, 1], None, params).owners()
-    loads = [sum(p.numel() for (_, p), o in zip(params, owners) if o == r) for r in (0, 1)]
-    assert sorted(loads) == [15, 15]
+def test_zero_shards_cover_every_element_once_and_name_experts_by_global_id():
+    params = [("a", torch.nn.Parameter(torch.zeros(2, 3))), ("s", torch.nn.Parameter(torch.zeros(3, 2, 2))),
+              ("v", torch.nn.Parameter(torch.zeros(5)))]
+    group = ShardGroup([0, 1, 2], None, params, expert_offsets={"s": 6})  # rows of `s` are experts 6, 7, 8
+    buckets = [Bucket(params, group, rank, True, torch.bfloat16) for rank in range(3)]
+    assert buckets[0].shard == 8 and buckets[0].grad.numel() == 24  # 23 elements padded to 3 x 8
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for bucket in buckets:
+        for piece in bucket.pieces():
+            covered.setdefault(piece.key, []).append((piece.offset, piece.stop - piece.start))
+    lengths = {"a": 6, "s.6": 4, "s.7": 4, "s.8": 4, "v": 5}
+    assert set(covered) == set(lengths)
+    for key, chunks in covered.items():  # contiguous, no overlap, the whole key
+        chunks.sort()
+        assert chunks[0][0] == 0 and sum(n for _, n in chunks) == lengths[key], (key, chunks)
+        assert all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(chunks, chunks[1:])), (key, chunks)
+    # weight decay for matrices and expert stacks, not for the vector
+    assert buckets[2].decay.tolist() == [True] * 2 + [False] * 6  # elements 16, 17 of `s`, then `v`, padding

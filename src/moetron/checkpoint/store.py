@@ -31,11 +31,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from moetron.checkpoint.manifest import verify_manifest, write_manifest
 from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
+from moetron.checkpoint.state import FlatChunk
 from moetron.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
 MODEL_PREFIX = "model."  # keys of the model's tensors; a model-only checkpoint (an HF import) holds only these
+MASTER_PREFIX = "master."  # FP32 master weights: only in checkpoints of runs with train.param_dtype=bf16
 
 
 @dataclass
@@ -98,7 +100,7 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        owned = {key: value.detach().clone() for key, value in state.items()}  # views of stacks: own storage
+        owned = {key: _own(value) for key, value in state.items()}  # views of stacks: own storage
         with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(owned, checkpoint_id=str(tmp), process_group=self.process_group)
@@ -162,11 +164,15 @@ class CheckpointStore:
         train_state = read_train_state(path)
         if not train_state.get("has_optimizer", True):
             state = {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-        loaded = {key: torch.empty_like(value) for key, value in state.items()}
+        if not train_state.get("has_masters", False):  # FP32 parameters are their own masters
+            state = {k: v for k, v in state.items() if not k.startswith(MASTER_PREFIX)}
+        buffers = {key: torch.empty_like(_local(value)) for key, value in state.items()}
+        loaded = {key: value.for_dcp(buffers[key]) if isinstance(value, FlatChunk) else buffers[key]
+                  for key, value in state.items()}
         load_dcp(loaded, path, self.process_group)
         with torch.no_grad():
             for key, target in state.items():
-                target.copy_(loaded[key])
+                _local(target).copy_(buffers[key])
         return train_state
 
     def _check_integrity(self, path: Path) -> None:
@@ -192,6 +198,17 @@ class CheckpointStore:
             os.replace(path, aside)
         self.barrier()
         raise ConfigError(f"{reason} The checkpoint was moved aside to {aside}.")
+
+
+def _local(value) -> torch.Tensor:
+    return value.local if isinstance(value, FlatChunk) else value
+
+
+def _own(value):
+    """`value` with its own storage (a FlatChunk as DCP's 1-D chunk of its key)."""
+    if isinstance(value, FlatChunk):
+        return value.for_dcp(value.local.detach().clone())
+    return value.detach().clone()
 
 
 def verify_shards(path: Path) -> None:

@@ -42,7 +42,10 @@ class TrainConfig:
     mtp_lambda_switch_tokens: float = 10e12
     bias_update_rate: float = 0.001  # gamma of the aux-loss-free balancing
     bias_update_stop_tokens: float = 14.3e12  # gamma is 0 afterwards
-    precision: str = "fp32"  # compute dtype: fp32 | bf16 (autocast; parameters stay FP32 masters)
+    precision: str = "fp32"  # compute dtype: fp32 | bf16 (autocast)
+    # dtype of the model's parameters: fp32 (they are the masters, exact CPU equivalence) | bf16 (arXiv
+    # 2412.19437 §3.3: FP32 masters and gradient accumulation live in the optimizer's ZeRO-1 shard)
+    param_dtype: str = "fp32"
     eval_every: int = 50  # steps; 0 disables validation
     eval_batches: int = 4  # micro-batches of the held-out split per validation
     # Stop the run (exit 1) after this many consecutive steps whose loss or grad norm was NaN/Inf (each one's
@@ -61,6 +64,10 @@ class RunConfig:
     progress: bool = True  # a progress bar with loss, tok/s and ETA
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto (cuda:LOCAL_RANK with NCCL where CUDA is available, else cpu with gloo) | cpu | cuda
+    # Build rank run.rank of the layout alone (torch's fake process group), print its parameter, gradient and
+    # optimizer bytes beside moetron.plan's, and exit: no data, no training.
+    dry_run: bool = False
+    rank: int = 0
 
 
 def validate_train(train: TrainConfig, prefix: str = "train") -> None:
@@ -79,6 +86,8 @@ def validate_train(train: TrainConfig, prefix: str = "train") -> None:
                       f"at least train.micro_batch_size ({train.micro_batch_size})")
     if train.precision not in ("fp32", "bf16"):
         raise invalid(f"{prefix}.precision", train.precision, "'fp32' or 'bf16'")
+    if train.param_dtype not in ("fp32", "bf16"):
+        raise invalid(f"{prefix}.param_dtype", train.param_dtype, "'fp32' or 'bf16'")
     if not train.eval_every >= 0:
         raise invalid(f"{prefix}.eval_every", train.eval_every, "an integer >= 0 (0 disables validation)")
     if not train.eval_batches >= (1 if train.eval_every > 0 else 0):
@@ -117,6 +126,8 @@ def validate_run(run: RunConfig, prefix: str = "run") -> None:
     for name in ["log_every", "keep_checkpoints"]:
         if not getattr(run, name) > 0:
             raise invalid(f"{prefix}.{name}", getattr(run, name), "a positive integer")
+    if run.rank < 0:
+        raise invalid(f"{prefix}.rank", run.rank, "a rank of the layout, 0 <= run.rank < parallel.pp x parallel.dp")
     if not run.save_every >= 0:
         raise invalid(f"{prefix}.save_every", run.save_every, "an integer >= 0 (0: every quarter of the run)")
     if not run.threads >= 0:

@@ -29,30 +29,40 @@ from moetron.model.rope import rope_cos_sin
 from moetron.model.transformer import DeepSeekV3, cross_entropy, multi_token_loss
 
 
-def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
-    """Contiguous, as even as possible; the first stages take the remainder."""
+def layer_ranges(num_layers: int, num_stages: int, mtp_modules: int = 0) -> list[range]:
+    """Contiguous runs of Transformer layers, as even as possible counting each MTP module as a layer of the
+    last stage; the remainder goes to the middle stages first, since the first and last stages also hold
+    the embedding and the output head. Every stage keeps at least one Transformer layer."""
     if num_layers < num_stages:
         raise invalid("parallel.pp", num_stages,
                       f"at most model.num_hidden_layers ({num_layers}) pipeline stages",
                       "Every stage holds at least one Transformer layer (DualPipeV has 2 x pp stages).")
-    base, extra = divmod(num_layers, num_stages)
+    base, extra = divmod(num_layers + mtp_modules, num_stages)
+    sizes = [base] * num_stages
+    ends = (0, num_stages - 1)
+    for s in sorted(range(num_stages), key=lambda s: (s in ends, abs(s - (num_stages - 1) / 2)))[:extra]:
+        sizes[s] += 1
+    sizes[-1] -= mtp_modules
+    while sizes[-1] < 1:  # the MTP modules alone would fill the last stage: it takes a layer back
+        donor = max(range(num_stages - 1), key=lambda s: (sizes[s], s))
+        sizes[donor] -= 1
+        sizes[-1] += 1
     ranges, start = [], 0
-    for s in range(num_stages):
-        n = base + (1 if s < extra else 0)
+    for n in sizes:
         ranges.append(range(start, start + n))
         start += n
     return ranges
 
 
-def stages_holding(name: str, num_layers: int, num_stages: int, mtp: bool) -> set[int]:
+def stages_holding(name: str, num_layers: int, num_stages: int, mtp_modules: int) -> set[int]:
     """The stages whose PipelineStage holds the full-model tensor `name` (arithmetic, no model needed): the
     embedding is stage 0's (and the last stage's, for MTP), a layer's is its stage's, the rest the last's."""
     last = num_stages - 1
     if name.startswith("embed_tokens."):
-        return {0, last} if mtp else {0}
+        return {0, last} if mtp_modules else {0}
     if name.startswith("layers."):
         layer = int(name.split(".")[1])
-        return {s for s, r in enumerate(layer_ranges(num_layers, num_stages)) if layer in r}
+        return {s for s, r in enumerate(layer_ranges(num_layers, num_stages, mtp_modules)) if layer in r}
     return {last}
 
 
@@ -68,7 +78,7 @@ class PipelineStage(nn.Module):
         self.cfg = model.cfg
         self.stage, self.num_stages = stage, num_stages
         self.first, self.last = stage == 0, stage == num_stages - 1
-        self.layer_ids = list(layer_ranges(model.cfg.num_hidden_layers, num_stages)[stage])
+        self.layer_ids = list(layer_ranges(model.cfg.num_hidden_layers, num_stages, len(model.mtp))[stage])
         needs_embedding = self.first or (self.last and len(model.mtp) > 0 and with_mtp_embedding)
         if needs_embedding:
             self.embed_tokens = copy.deepcopy(model.embed_tokens)

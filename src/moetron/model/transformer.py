@@ -9,6 +9,7 @@ from torch import nn
 
 from moetron.config import ModelConfig
 from moetron.model.block import Block
+from moetron.model.init import init_parameters
 from moetron.model.moe import MoE
 from moetron.model.mtp import MTPModule, shift_left
 from moetron.model.norm import RMSNorm
@@ -42,28 +43,30 @@ def multi_token_loss(owner: nn.Module, h: torch.Tensor, tokens: torch.Tensor, la
 
 
 class DeepSeekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Built on the meta device (`with torch.device("meta")`) it allocates and initializes nothing: a trainer
+    keeps its part, materializes it and calls model.init.init_parameters (the same values as here)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # init_weights sets every value; _weight skips nn.Embedding's own normal_ (on meta, a Python
+        # decomposition whose first use imports ~30 MB and ~2 s of torch._refs on every rank)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(
             Block(cfg, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from the embedding
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
-        self.init_weights()
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights(torch.initial_seed() if seed is None else seed)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, 0.006) for every matrix (arXiv 2412.19437 §4.2), ones for norms, zero balancing bias."""
-        for param in self.parameters():
-            if param.dim() >= 2:
-                nn.init.normal_(param, mean=0.0, std=self.cfg.initializer_range)
-            else:
-                nn.init.ones_(param)
-        for module in self.moe_layers():
-            module.gate.e_score_correction_bias.zero_()
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, 0.006) for every matrix (arXiv 2412.19437 §4.2), ones for norms, zero balancing bias;
+        each tensor (each routed expert) from its own generator (model/init.py), so any layout's ranks
+        draw these very values for their part. `seed` defaults to torch.manual_seed's."""
+        init_parameters(self, seed, self.cfg.initializer_range)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -67,11 +67,12 @@ def check_layout(cfg: PlanConfig) -> None:
     if p.world_size > rpn and p.world_size % rpn:
         raise invalid("parallel.ranks_per_node", p.ranks_per_node,
                       f"a divisor of the world size pp x dp x tp = {p.world_size}")
-    units = m.num_hidden_layers + m.num_nextn_predict_layers
+    units = m.num_hidden_layers
     if cfg.num_stages > units:
         raise invalid("parallel.pp", p.pp,
                       f"at most {units // SCHEDULE_STAGES[p.schedule]} for {p.schedule}",
-                      f"{cfg.num_stages} pipeline stages cannot share {units} layers (MTP included).")
+                      f"{cfg.num_stages} pipeline stages cannot share {units} Transformer layers (every stage "
+                      "holds at least one; the MTP modules ride on the last).")
     if p.schedule == "dualpipe" and p.pp % 2:
         raise invalid("parallel.pp", p.pp, "an even number for DualPipe", "Rank r pairs with rank PP-1-r.")
     if t.global_batch_size % (p.dp * t.micro_batch_size):

@@ -52,6 +52,7 @@ class Plan:
     tokens_per_step: int
     flops_per_token: float
     notes: list[str] = field(default_factory=list)
+    items_per_rank: list[dict[str, float]] = field(default_factory=list)  # memory items of each pipeline rank
 
     # ---- headline figures
     @property
@@ -267,23 +268,39 @@ def make_plan(cfg: PlanConfig) -> Plan:
     act_per_chunk = [tokens * stage_activation_per_token(m, s, t.seq_len, p.tp, prec, cfg.plan.recompute,
                                                          fused_attention, cfg.plan.fused_cross_entropy) for s in stages]
     # ---- memory, per rank
-    pbytes = 4 if t.precision == "fp32" and not cfg.fp8.enabled else 2
+    pbytes = 4 if t.precision == "fp32" and not cfg.fp8.enabled else 2  # activations, all-to-all, P2P
+    wbytes = 2 if t.param_dtype == "bf16" else 4  # the model's parameters (train.param_dtype)
     mbytes = 2 if t.optim.moment_dtype == "bfloat16" else 4
     zero1 = getattr(p, "zero1", True)
     edp = max(1, p.dp // p.ep) if zero1 else 1  # data-parallel replicas of one expert (ZeRO-1 shards over them)
     dp_shard = p.dp if zero1 else 1
     ep_on = p.ep > 1 and m.first_k_dense_replace < m.num_hidden_layers
     per_rank, items_of = [], []
+    # ZeRO-1 as the trainer does it (train/zero.py): a tensor's masters and moments are sharded over every
+    # rank holding it -- its DP (or expert-DP) replicas times the pipeline ranks holding its stage (DualPipe:
+    # two; the embedding with MTP: stage 0's and the last stage's ranks).
+    pp_holders = [len({pp for sid, pp in schedule.placement.items() if sid.stage == s}) for s in range(len(stages))]
+    embedding = m.vocab_size * m.hidden_size
+    emb_holders = len({pp for sid, pp in schedule.placement.items() if sid.stage in (0, len(stages) - 1)}) \
+        if stages[-1].mtp_embedding else pp_holders[0]
     for r, own in enumerate(rank_stages):
         copies = schedule.stages_of(r)
         dense = sum(counts[sid.stage].params_dense for sid in copies)
         expert = sum(counts[sid.stage].params_expert for sid in copies)
-        shard = dense / dp_shard + expert / edp
+        held = lambda sid: pp_holders[sid.stage] if zero1 else 1  # noqa: E731
+        shard = sum(counts[sid.stage].params_dense / (dp_shard * held(sid))
+                    + counts[sid.stage].params_expert / (edp * held(sid)) for sid in copies)
+        for sid in copies:  # the embedding's holders are its own (stage 0 and the last stage with MTP)
+            if (stages[sid.stage].embedding or stages[sid.stage].mtp_embedding) and zero1:
+                shard += embedding / (dp_shard * emb_holders) - embedding / (dp_shard * held(sid))
+        if {0, len(stages) - 1} <= set(own) and stages[-1].mtp_embedding:
+            dense -= embedding  # the MTP modules use stage 0's embedding Parameter itself
+            shard -= embedding / (dp_shard * emb_holders) if zero1 else embedding
         n = len(copies)
         x2 = f", {n} stage copies" if n > 1 else ""
-        items = {f"parameters ({'BF16' if pbytes == 2 else 'FP32'}{x2})": pbytes * (dense + expert)}
-        if pbytes == 2:
-            items[f"FP32 master weights ({'ZeRO-1 over dp ' + str(p.dp) if zero1 else 'not sharded'})"] = 4 * shard
+        over = f"ZeRO-1 over dp {p.dp}" + (f" x {max(pp_holders)} copies" if max(pp_holders) > 1 else "")
+        items = {f"parameters ({'BF16' if wbytes == 2 else 'FP32'}{x2})": wbytes * (dense + expert)}
+        items[f"FP32 master weights ({over if zero1 else 'not sharded'})"] = 4 * shard
         items["gradients (FP32 accumulation)"] = 4 * (dense + expert)
         items[f"AdamW moments (2 x {'BF16' if mbytes == 2 else 'FP32'}{', ZeRO-1' if zero1 else ''})"] = 2 * mbytes * shard
         peak = peak_weighted(schedule.steps[r], lambda s: act_per_chunk[s])
@@ -325,9 +342,11 @@ def make_plan(cfg: PlanConfig) -> Plan:
     copies = schedule.stages_of(busiest)
     dense = sum(counts[sid.stage].params_dense for sid in copies)
     expert = sum(counts[sid.stage].params_expert for sid in copies)
+    if {0, len(stages) - 1} <= set(rank_stages[busiest]) and stages[-1].mtp_embedding:
+        dense -= embedding  # one Parameter for both ends
     dp_bw = (hw.internode_gbps if _crosses_nodes(cfg, "dp") else hw.nvlink_gbps) * 1e9
     replicas = max(1, p.dp // p.ep)
-    sync_bytes = (4 + pbytes) * (dense * (p.dp - 1) / p.dp + expert * (replicas - 1) / replicas)
+    sync_bytes = (4 + wbytes) * (dense * (p.dp - 1) / p.dp + expert * (replicas - 1) / replicas)
     dp_sync = sync_bytes / dp_bw
     # optimizer step: ~12 eager ops per parameter tensor (AdamW with low-precision moments, clipping);
     # on GPUs the kernels are memory-bound and short, on CPU their launch cost shows
@@ -356,4 +375,4 @@ def make_plan(cfg: PlanConfig) -> Plan:
         notes.append("DualPipe: every rank holds two stage copies (parameters and gradients 2x), "
                      f"peak in-flight chunks {max(sim.peak_activations)} (PP+1 = {p.pp + 1}).")
     return Plan(cfg, stages, rank_stages, items_of[fullest], fullest, per_rank, ch, busiest, sim, step, dp_sync, hidden,
-                t.global_batch_size * t.seq_len, training_flops_per_token(m, t.seq_len), notes)
+                t.global_batch_size * t.seq_len, training_flops_per_token(m, t.seq_len), notes, items_of)

@@ -17,6 +17,7 @@ class Stage:
     mtp_modules: int = 0
     embedding: bool = False
     head: bool = False
+    mtp_embedding: bool = False  # the last stage's copy of the embedding for the MTP modules (stage 0 is elsewhere)
 
     @property
     def layers(self) -> int:
@@ -24,26 +25,19 @@ class Stage:
 
 
 def split_stages(model: ModelConfig, num_stages: int) -> list[Stage]:
-    """Layers (MTP modules counted as layers on the last stage) in contiguous, near-equal runs; the
-    first and last stages get the shorter runs because they also hold the embedding and the head."""
-    units = model.num_hidden_layers + model.num_nextn_predict_layers
-    base, extra = divmod(units, num_stages)
-    sizes = [base] * num_stages
-    middle = sorted(range(num_stages), key=lambda s: (s in (0, num_stages - 1), abs(s - (num_stages - 1) / 2)))
-    for s in middle[:extra]:
-        sizes[s] += 1
-    stages, layer = [], 0
-    for s, size in enumerate(sizes):
-        stage = Stage(s, embedding=s == 0, head=s == num_stages - 1)
-        for _ in range(size):
-            if layer < model.first_k_dense_replace:
-                stage.dense_layers += 1
-            elif layer < model.num_hidden_layers:
-                stage.moe_layers += 1
-            else:
-                stage.mtp_modules += 1
-            layer += 1
-        stages.append(stage)
+    """The trainer's split (moetron.model.stages.layer_ranges): contiguous, near-equal runs counting the MTP
+    modules as layers of the last stage, the first and last stages shorter (they also hold the embedding and
+    the head); the last stage holds the final norm, the head and, for MTP, a copy of the embedding (one
+    Parameter with stage 0's where a rank holds both)."""
+    from moetron.model.stages import layer_ranges
+
+    stages = []
+    last = num_stages - 1
+    for s, layers in enumerate(layer_ranges(model.num_hidden_layers, num_stages, model.num_nextn_predict_layers)):
+        dense = sum(1 for i in layers if i < model.first_k_dense_replace)
+        mtp = model.num_nextn_predict_layers if s == last else 0
+        stages.append(Stage(s, dense, len(layers) - dense, mtp, embedding=s == 0, head=s == last,
+                            mtp_embedding=s == last and mtp > 0 and num_stages > 1))
     return stages
 
 
@@ -110,8 +104,8 @@ def stage_counts(m: ModelConfig, stage: Stage, seq_len: int, ep: int, tp: int) -
     if stage.mtp_modules:
         proj = LayerCounts(params_dense=2 * h * h + 3 * h, flops={"linear": 4 * h * h, "head": 2 * vocab * h}, ops=40)
         total = add(total, add(moe_layer, proj), stage.mtp_modules)
-    if stage.embedding:
-        total = add(total, LayerCounts(params_dense=vocab * h, ops=5))
+    if stage.embedding or stage.mtp_embedding:
+        total = add(total, LayerCounts(params_dense=vocab * h, ops=5 if stage.embedding else 0))
     if stage.head:
         total = add(total, LayerCounts(params_dense=vocab * h + h, flops={"head": 2 * vocab * h}, ops=30))
     return total

@@ -1,7 +1,8 @@
-"""AdamW with FP32 master weights and low-precision (BF16) moments (arXiv 2412.19437 §4.2).
+"""AdamW with FP32 master weights and low-precision (BF16) moments (arXiv 2412.19437 §3.3, §4.2).
 
-The model's parameters are the FP32 masters and gradients accumulate in FP32; compute may run in BF16
-under autocast. Only the moments are stored in `moment_dtype`; each update is computed in FP32.
+`adamw_update` is the update of one flat ZeRO-1 shard (train/zero.py: masters and moments of this rank's
+shard only). `MasterAdamW` is the same update as a torch optimizer over whole FP32 parameters (the
+reference the shard update is tested against). Moments are stored in `moment_dtype`; updates run in FP32.
 """
 
 import torch
@@ -55,3 +56,20 @@ class MasterAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(self.moment_dtype)
+
+
+@torch.no_grad()
+def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 decay: torch.Tensor, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 step: float) -> None:
+    """MasterAdamW's update of one flat shard, in place: FP32 `master` and `grad`, moments stored in their own
+    dtype (BF16), computed in FP32; weight decay where the boolean `decay` is set (matrices, not vectors)."""
+    beta1, beta2 = betas
+    m = exp_avg.float().mul_(beta1).add_(grad, alpha=1 - beta1)
+    v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+    if weight_decay:
+        master.mul_(torch.where(decay, 1 - lr * weight_decay, 1.0))
+    master.addcdiv_(m / (1 - beta1**step), denom, value=-lr)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)

@@ -9,16 +9,22 @@ is a short list of apply_* steps, each a plain function over modules:
   apply_fp8              FP8 GEMMs (arXiv 2412.19437 §3.3) for this rank's Linears and its expert block
   apply_recompute        selective recompute of the norms and the MLA up-projections (§3.2.3)
 One process is the layout pp = dp = ep = 1: one stage holding the whole model, nothing sharded.
+
+The trainer builds the full model on the meta device (no memory), parallelizes it there, and `materialize`
+allocates only what this rank kept, on the run's device, in the parameters' dtype, and initializes it with
+per-tensor generators (model/init.py): every layout starts from the weights one process would have.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moetron.comm import Transport
 from moetron.config import MoetronConfig
 from moetron.model import DeepSeekV3
 from moetron.model.attention import MLA
+from moetron.model.init import init_parameters
 from moetron.model.mlp import SwiGLU
 from moetron.model.moe import GroupedExperts, MoE
 from moetron.model.moe_ep import apply_expert_parallel
@@ -74,6 +80,25 @@ def parallelize(model: DeepSeekV3, mesh: ProcessMesh, config: MoetronConfig, tra
         for stage in stages.values():
             apply_selective_recompute(stage)
     return StagedModel(stages, shape.num_stages, dict(shape.placement))
+
+
+@torch.no_grad()
+def materialize(model: StagedModel, device: torch.device, seed: int, std: float,
+                param_dtype: torch.dtype = torch.float32) -> StagedModel:
+    """Allocate this rank's meta parameters on `device` in `param_dtype` (buffers keep their own dtype) and
+    initialize them as one process would (model/init.py). Parameters shared between modules (the embedding
+    of the MTP modules) stay one Parameter."""
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != param_dtype:
+                if id(p) not in converted:
+                    converted[id(p)] = nn.Parameter(p.to(param_dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = converted[id(p)]
+    model.to_empty(device=device)
+    for stage in model.stages.values():
+        init_parameters(stage, seed, std)
+    return model
 
 
 def apply_stage_split(model: DeepSeekV3, num_stages: int, mine: list[StageId]) -> dict[StageId, PipelineStage]:

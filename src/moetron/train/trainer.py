@@ -4,13 +4,15 @@
     torchrun --nproc-per-node=4 -m moetron.train parallel=cpu_2x2        # DualPipe pp 2 x dp 2, EP 2
 
 One loop for every layout (nanoGPT's habit; one process is the smallest layout, not another class):
-- set-up: the device and process group (moetron.device), the mesh, the model built with the run's seed and
-  cut to this rank's stages and experts by `parallelize`, ZeRO-1 AdamW over what this rank holds;
-- a step: this replica's slice of the (ramped) batch runs through the PipelineExecutor's schedule; losses,
-  balance losses and expert loads are summed over the world, so every rank makes the same decision; dense
-  gradients are averaged over the DP group, routed-expert gradients over the expert-data-parallel group;
-  the global grad norm counts each parameter once; the step is judged (NaN/Inf, loss and grad-norm spikes)
-  and applied, skipped or rolled back; the aux-loss-free bias update follows the optimizer step;
+- set-up: the device and process group (moetron.device), the mesh, the full model built on the meta device
+  and cut to this rank's stages and experts by `parallelize`, then only that part materialized in
+  train.param_dtype and initialized as one process would (model/init.py); ZeRO-1 AdamW (train/zero.py);
+- a step: this replica's slice of the (ramped) batch runs through the PipelineExecutor's schedule, gradients
+  accumulating in FP32 (`main_grad`); losses, balance losses and expert loads are summed over the world, so
+  every rank makes the same decision; each gradient is reduce-scattered over the ranks holding its tensor
+  (DP or expert-DP replicas, DualPipe's mirror copy, the embedding's copy) and averaged over DP; the global
+  grad norm counts each element once (its shard); the step is judged (NaN/Inf, loss and grad-norm spikes)
+  and applied (shard update, all-gather), skipped or rolled back; the aux-loss-free bias update follows;
 - checkpoints in the one format of every layout (checkpoint/state.py), so any run resumes in any layout;
 - rank 0 alone writes metrics, events and the progress bar.
 """
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 from moetron import device as dev
 from moetron.checkpoint import CheckpointStore
-from moetron.checkpoint.state import expert_offsets, flat_entries, model_entries
+from moetron.checkpoint.state import FlatChunk, expert_offsets, model_entries
 from moetron.comm import LinkModel, Transport
 from moetron.comm.errors import ParameterError
 from moetron.config import ConfigError, MoetronConfig, invalid
@@ -51,7 +53,7 @@ from moetron.parallel.mesh import MeshLayout, ProcessMesh
 from moetron.train import schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
-from moetron.train.parallelize import parallelize
+from moetron.train.parallelize import materialize, parallelize
 from moetron.train.run_lock import RunDirLock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
@@ -62,6 +64,7 @@ CONFIG_FIELDS = {
     "num_experts": "model.n_routed_experts", "world_size": "parallel.pp x parallel.dp x parallel.tp",
 }
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.param_dtype
 
 
 @contextmanager
@@ -106,9 +109,16 @@ def ranks_per_node_from_env(configured: int, world: int) -> int:
 
 
 def start_runtime(config: MoetronConfig) -> dev.Runtime:
-    """The device (run.device) and the process group: a world of one when no launcher started us."""
+    """The device (run.device) and the process group: a world of one when no launcher started us; for a dry
+    run, rank run.rank of the layout's world over the fake process group."""
+    run, world = config.run, config.parallel.world_size
     try:
-        return dev.start(config.run.device)
+        if run.dry_run:
+            if run.rank >= world:
+                raise invalid("run.rank", run.rank, f"a rank of the layout, 0 to {world - 1}",
+                              f"parallel.pp x parallel.dp x parallel.tp = {world}.")
+            return dev.start_fake(run.device, run.rank, world)
+        return dev.start(run.device)
     except ValueError as err:
         raise invalid("run.device", config.run.device, " | ".join(dev.DEVICES), str(err).capitalize() + ".") from err
 
@@ -134,7 +144,9 @@ class _WriterOnly:
 
 class Trainer:
     def __init__(self, config: MoetronConfig, ranks_per_node: int | None = None):
+        started = time.perf_counter()
         self.cfg = config
+        self.dry_run = config.run.dry_run  # build this rank, count its bytes, stop (train/dry_run.py)
         self.run_dir = Path(config.run.dir)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
@@ -144,27 +156,36 @@ class Trainer:
         self.autocast_dtype = COMPUTE_DTYPES[config.train.precision]
         self.mesh = self.build_mesh(ranks_per_node_from_env(ranks_per_node or config.parallel.ranks_per_node,
                                                             self.world))
-        self.data = build_data(config.data, config.train.seq_len, config.run.seed)
-        if self.data.tokenizer.vocab_size > config.model.vocab_size:
+        self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, config.run.seed)
+        if self.data is not None and self.data.tokenizer.vocab_size > config.model.vocab_size:
             raise invalid("model.vocab_size", config.model.vocab_size, f"at least {self.data.tokenizer.vocab_size}",
                           f"The tokenizer has {self.data.tokenizer.vocab_size} tokens.")
-        torch.manual_seed(config.run.seed)  # every rank builds the same full model, then keeps its part
-        full = DeepSeekV3(config.model)
+        torch.manual_seed(config.run.seed)
+        with torch.device("meta"):  # the full model costs no memory; this rank materializes only its part
+            full = DeepSeekV3(config.model)
         self.moe_ids = {name: i for i, name in enumerate(n for n, m in full.named_modules() if isinstance(m, MoE))}
         par = config.parallel
         # One transport for every MoE layer of this rank: the link model and the overlap apply to all of them.
         self.transport = Transport(link=LinkModel(self.mesh.layout.ranks_per_node, scale=par.link_model_scale)
                                    if par.link_model_scale > 0 else None)
         with config_fields():
-            self.model = parallelize(full, self.mesh, config, self.transport).to(self.device)
+            staged = parallelize(full, self.mesh, config, self.transport)
         del full
+        self.param_dtype = PARAM_DTYPES[config.train.param_dtype]
+        self.model = materialize(staged, self.device, config.run.seed, config.model.initializer_range,
+                                 self.param_dtype)
         self.num_stages, self.placement = self.model.num_stages, self.model.placement
         self._parameter_table()
-        self._tied_embedding_group()
-        self.optimizer = ZeroAdamW(self.shard_groups, config.train.optim, self.rank, shard=par.zero1)
-        self.optimizer.init_state()
-        # parallel.ema: the EMA of the weights this rank owns under ZeRO, in host memory (train/ema.py).
-        self.ema = WeightEMA(self.optimizer.owned, par.ema_decay) if par.ema else None
+        # A dry run counts the optimizer's buffers from their shapes instead of allocating them.
+        self.optimizer = ZeroAdamW(self.shard_groups, config.train.optim, self.rank, shard=par.zero1,
+                                   allocate=not self.dry_run)
+        self.build_seconds = time.perf_counter() - started
+        if self.dry_run:
+            return
+        for p in self.optimizer.all_params:  # autograd's .grad (param dtype) -> the FP32 main_grad, each backward
+            p.register_post_accumulate_grad_hook(_to_main_grad)
+        # parallel.ema: the EMA of this rank's FP32 master shard, in host memory (train/ema.py).
+        self.ema = WeightEMA(self.optimizer.master_pieces(), par.ema_decay) if par.ema else None
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints,
                                            rank=self.rank, barrier=self.barrier,
                                            process_group=self.runtime.object_group)
@@ -209,28 +230,48 @@ class Trainer:
     def _first_holder(self, name: str) -> int:
         """The lowest pipeline index holding the full-model tensor `name` (its copy counted in norms)."""
         cfg = self.cfg.model
-        stages = stages_holding(name, cfg.num_hidden_layers, self.num_stages, cfg.num_nextn_predict_layers > 0)
+        stages = stages_holding(name, cfg.num_hidden_layers, self.num_stages, cfg.num_nextn_predict_layers)
         return min(pp for sid, pp in self.placement.items() if sid.stage in stages)
 
+    def _pp_holders(self, name: str) -> list[int]:
+        """The pipeline ranks holding the full-model tensor `name` (DualPipe: two; the embedding with MTP: the
+        ranks of stage 0 and of the last stage)."""
+        cfg = self.cfg.model
+        stages = stages_holding(name, cfg.num_hidden_layers, self.num_stages, cfg.num_nextn_predict_layers)
+        return sorted({pp for sid, pp in self.placement.items() if sid.stage in stages})
+
+    def _first_holder(self, name: str) -> int:
+        """The lowest pipeline index holding the full-model tensor `name` (the copy that reports it)."""
+        return self._pp_holders(name)[0]
+
+    def _holders(self, pp_ranks, kind: str, dp_index: int) -> tuple[int, ...]:
+        """Global ranks holding what pipeline ranks `pp_ranks` hold at `dp_index`: their `kind` replica groups
+        (dp for dense parameters, edp for routed experts)."""
+        layout = self.mesh.layout
+        return tuple(sorted(r for pp in pp_ranks for r in self._replicas[kind][layout.rank_of(pp, dp_index)]))
+
     def _parameter_table(self) -> None:
-        """Unique parameters with their full-model key, in two ZeRO groups (dense over DP, experts over EDP);
-        which of them this rank counts in the grad norm; which MoE layers' biases it reports."""
+        """Unique parameters by full-model key, grouped by the ranks that hold them (ZeRO-1 groups: DP or EDP
+        replicas, DualPipe's mirror copies, the embedding's copy on the last stage); which MoE layers' biases
+        this rank reports. COLLECTIVE: creates the process group of every holder set of the layout."""
+        layout = self.mesh.layout
+        self._replicas = {kind: {r: g for g in getattr(layout, f"{kind}_groups")() for r in g} for kind in ("dp", "edp")}
         self.expert_offset: dict[str, int] = {}
         for stage in self.model.stages.values():
             self.expert_offset.update(expert_offsets(stage))
-        seen, dense, experts = set(), [], []
+        held: dict[tuple[int, ...], list] = {}
+        seen = set()
         for stage in self.model.stages.values():
             for name, p in stage.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    (experts if name in self.expert_offset else dense).append((name, p))
-        mesh = self.mesh
-        self.shard_groups = [ShardGroup(mesh.dp_ranks, mesh.dp_group, sorted(dense, key=lambda kp: kp[0])),
-                             ShardGroup(mesh.edp_ranks, mesh.edp_group, sorted(experts, key=lambda kp: kp[0]))]
-        # Count each parameter once in the global grad norm: one pipeline copy (the lowest pp index that
-        # holds the key) and, inside its replica group, the member that owns it under the ZeRO partition.
-        self.norm_params = [p for g in self.shard_groups for (name, p), owner in zip(g.params, g.owners())
-                            if g.ranks[owner] == self.rank and self._first_holder(name) == self.pp_index]
+                    kind = "edp" if name in self.expert_offset else "dp"
+                    held.setdefault(self._holders(self._pp_holders(name), kind, self.dp_index), []).append((name, p))
+        groups = self._holder_groups()
+        self.shard_groups = [
+            ShardGroup(list(ranks), groups.get(ranks), sorted(params, key=lambda kp: kp[0]),
+                       {name: self.expert_offset[name] for name, _ in params if name in self.expert_offset})
+            for ranks, params in sorted(held.items())]
         self._layer_ids = {}  # id(MoE module) -> global MoE layer index (layers first, then MTP)
         self._reports_bias = set()  # the MoE layers whose bias this rank reports (first holder, replica 0)
         for stage in self.model.stages.values():
@@ -240,25 +281,17 @@ class Trainer:
                     if self.dp_index == 0 and self._first_holder(f"{name}.gate.weight") == self.pp_index:
                         self._reports_bias.add(self.moe_ids[name])
 
-    def _tied_embedding_group(self) -> None:
-        """1F1B/ZB1P with PP > 1 and MTP: stage 0 and the last stage hold separate embedding copies, whose
-        gradients are summed over a small group (as Megatron does for tied embeddings). COLLECTIVE."""
-        self.embed_group, self.embed_param = None, None
-        last = self.num_stages - 1
-        holders = {r for sid, r in self.placement.items() if sid.stage in (0, last)}
-        split = any({sid.stage for sid, r in self.placement.items() if r == h} & {0, last} != {0, last}
-                    for h in holders)
-        if not (split and self.cfg.model.num_nextn_predict_layers > 0):
-            return
-        layout = self.mesh.layout
-        for d in range(layout.dp):
-            ranks = sorted(layout.rank_of(p, d) for p in holders)
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.embed_group = group
-        for stage in self.model.stages.values():
-            if hasattr(stage, "embed_tokens"):
-                self.embed_param = stage.embed_tokens.weight
+    def _holder_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
+        """A process group for every set of holders in the layout (of more than one rank), created in the same
+        order on every rank. COLLECTIVE."""
+        cfg = self.cfg.model
+        pp_sets = {tuple(sorted({pp for sid, pp in self.placement.items() if sid.stage == s}))
+                   for s in range(self.num_stages)}
+        if cfg.num_nextn_predict_layers:
+            pp_sets.add(tuple(self._pp_holders("embed_tokens.weight")))
+        sets = {self._holders(pps, kind, d) for pps in pp_sets for kind in ("dp", "edp")
+                for d in range(self.mesh.layout.dp)}
+        return {ranks: dist.new_group(list(ranks)) for ranks in sorted(sets) if len(ranks) > 1}
 
     def _setup_overlap(self):
         """parallel.overlap with EP: moetron.comm.overlap's F&B hook (each all-to-all of one chunk in flight
@@ -291,22 +324,28 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
         for stage in self.model.stages.values():
             out.update(model_entries(stage))
-        opt = self.optimizer
-        for name in opt.owned:
-            state = opt.state_of(name)
-            out[f"optim.{name}.step"] = state["step"]
-            for moment in ("exp_avg", "exp_avg_sq"):
-                out.update(flat_entries("optim.", name, state[moment], self.expert_offset, suffix=f".{moment}"))
+        optimizer = self.optimizer.entries()
+        out.update(optimizer)
         if self.ema is not None:
             self.ema.wait()
-            for name, value in self.ema.averages.items():
-                out.update(flat_entries("ema.", name, value, self.expert_offset))
+            for key, value in self.ema.averages.items():
+                master = optimizer[f"master.{key}"]
+                out[f"ema.{key}"] = FlatChunk(value, master.offset, master.length, master.chunks)
         return out
+
+    def has_masters(self) -> bool:
+        """Checkpoints keep the FP32 masters only when the parameters are not FP32 themselves."""
+        return self.param_dtype != torch.float32
+
+    def after_load(self, train_state: dict) -> None:
+        """FP32 parameters (or a checkpoint without masters) are the masters' source."""
+        if not train_state.get("has_masters", False):
+            self.optimizer.load_masters()
 
     def save(self) -> None:
         step = self.state.step
-        train_state = {**asdict(self.state), "has_optimizer": True, "layout": self.layout(),
-                       "spike_history": self.detector.state()}
+        train_state = {**asdict(self.state), "has_optimizer": True, "has_masters": self.has_masters(),
+                       "layout": self.layout(), "spike_history": self.detector.state()}
         path = self.checkpoints.save(step, self.state_entries(), train_state,
                                      before_publish=self.faults.checkpoint_hook(step))
         self.events.event("checkpoint", step, path=str(path))
@@ -339,6 +378,7 @@ class Trainer:
                                   OmegaConf.to_container(OmegaConf.structured(self.cfg)))
 
     def _resumed(self, loaded) -> None:
+        self.after_load(loaded.train_state)
         self.state = TrainState.from_dict(loaded.train_state)
         self.detector.load_state(loaded.train_state.get("spike_history", []))
         for reason in loaded.skipped:
@@ -413,7 +453,7 @@ class Trainer:
                 ) from err
             self._executors[num_micro] = PipelineExecutor(
                 schedule, self.model.by_id(), self._loss_fn, group=self.mesh.pp_group,
-                forward_backward=self._overlapped, device=self.device)
+                forward_backward=self._overlapped, device=self.device, sum_copies=False)
         return self._executors[num_micro]
 
     def _loss_fn(self, out, target: torch.Tensor) -> torch.Tensor:
@@ -456,55 +496,29 @@ class Trainer:
         self._ctx = dict(eval=False, mtp_lambda=mtp_lambda, loss_factor=loss_factor, num_micro=len(micro),
                          sums=torch.zeros(3, dtype=torch.float64, device=self.device))
         self.model.train()
+        self.optimizer.zero_grad()
         self.run_pipeline(micro)
         sums = self._ctx["sums"]
         dist.all_reduce(sums)
-        self.reduce_gradients()
+        # Each holder's FP32 gradients summed into the shard owners (DP replicas, DualPipe's two copies, the
+        # embedding's copies) and averaged over the data-parallel replicas.
+        self.optimizer.reduce_gradients(self.mesh.layout.dp)
         total_micro = batch.shape[0] // self.cfg.train.micro_batch_size
         loss, lm_loss, mtp_loss = (sums / total_micro).tolist()
         return {"loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
 
     @torch.no_grad()
-    def reduce_gradients(self) -> None:
-        """Sum the tied embedding copies, then average every gradient over its replica group (DP for dense
-        parameters, expert-data-parallel for routed experts; the same divisor, dp)."""
-        if self.embed_group is not None and self.embed_param is not None:
-            grad = _grad(self.embed_param)
-            dist.all_reduce(grad, group=self.embed_group)
-            self.embed_param.grad = grad
-        dp = self.mesh.layout.dp
-        for g in self.shard_groups:
-            params = [p for _, p in g.params]
-            if not params:
-                continue
-            flat = torch.cat([_grad(p).reshape(-1) for p in params])
-            if len(g.ranks) > 1:
-                dist.all_reduce(flat, group=g.group)
-            if dp > 1:
-                flat /= dp
-            offset = 0
-            for p in params:
-                p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-
-    @torch.no_grad()
     def clip_gradients(self) -> float:
-        """Clip at the global norm (§4.2: 1.0), each parameter counted once over the world."""
+        """Clip at the global norm (§4.2: 1.0): each element is in exactly one rank's gradient shard."""
         if self.ema is not None:
-            self.ema.wait()  # the optimizer step that follows writes the weights the EMA thread reads
-        local = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.norm_params:
-            if p.grad is not None:
-                local += p.grad.double().pow(2).sum()
+            self.ema.wait()  # the optimizer step that follows writes the masters the EMA thread reads
+        local = self.optimizer.grad_sq_norm(self.device)
         dist.all_reduce(local)
         squared = local.item()
         norm = math.sqrt(squared) if math.isfinite(squared) else float("nan")
         clip = self.cfg.train.optim.grad_clip or float("inf")
         coef = min(clip / (norm + 1e-6), 1.0) if math.isfinite(norm) else float("nan")
-        for g in self.shard_groups:
-            for _, p in g.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        self.optimizer.scale_gradients(coef)
         return norm
 
     def moe_statistics(self, micro_batches: int) -> tuple[float, list[torch.Tensor]]:
@@ -577,7 +591,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update()
             state.tokens += batch_size * train.seq_len
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         for moe in self.moe_layers():
             moe.reset_stats()
         state.step = step
@@ -638,6 +652,7 @@ class Trainer:
         else:  # nothing sound to go back to: the spike's update was not applied; carry on from here
             self.events.event("rollback_failed", spike_step, reason="no sound checkpoint before the spike")
             return
+        self.after_load(saved)
         self.state = TrainState(restored.step, restored.tokens, cursor, self.state.rollbacks + 1)
         self.detector.load_state(saved.get("spike_history", []))
         self._truncate_logs(restored.step)
@@ -682,6 +697,11 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():  # preemption (Slurm's --signal, SIGTERM, ^C)
             for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: no step lost
                 signal.signal(signum, self.request_stop)
+        if self.dry_run:
+            from moetron.train.dry_run import report
+
+            print(report(self))
+            return None
         self.start()
         cfg = self.cfg
         total = cfg.train.steps
@@ -780,8 +800,10 @@ class Trainer:
             self.sink.finish()
 
 
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
+def _to_main_grad(p: torch.Tensor) -> None:
+    """Accumulate in FP32 (arXiv 2412.19437 §3.3): add the backward's gradient to p.main_grad, drop .grad."""
+    p.main_grad.add_(p.grad)
+    p.grad = None
 
 
 def _round(value):
