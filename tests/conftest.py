@@ -1,27 +1,21 @@
 """Shared fixtures: small model configs and a tiny text corpus, so tests run in seconds on 2 cores."""
 
-import json
-import random
 
 import pytest
 import torch
+import torch.distributed as dist
+from helpers import write_corpus
 
 torch.set_num_threads(2)
 
 
-def write_corpus(directory) -> dict[str, str]:
-    """A small word-salad corpus (train + val JSONL) that a tiny model learns quickly."""
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven merry ships sail past green hills".split()
-    paths = {}
-    for split, docs in [("train", 600), ("val", 30)]:
-        path = directory / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for _ in range(docs):
-                text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
-                f.write(json.dumps({"text": text}) + "\n")
-        paths[split] = str(path)
-    return paths
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """Each test starts without a default process group: one left by an in-process trainer or test would
+    make the next init_process_group fail and a forked worker deadlock."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
 
+import json
+import random
 from contextlib import contextmanager
 
 import torch.distributed as dist
@@ -32,3 +34,18 @@ def small_model_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(**base)
     cfg.validate()
     return cfg
+
+
+def write_corpus(directory) -> dict[str, str]:
+    """A small word-salad corpus (train + val JSONL) that a tiny model learns quickly."""
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven merry ships sail past green hills".split()
+    paths = {}
+    for split, docs in [("train", 600), ("val", 30)]:
+        path = directory / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for _ in range(docs):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+                f.write(json.dumps({"text": text}) + "\n")
+        paths[split] = str(path)
+    return paths

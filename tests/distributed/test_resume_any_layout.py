@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import write_corpus
+from helpers import write_corpus
 from moetron.parallel.local import run_local
 from test_trainer_distributed import DUALPIPE_EP_DP, TIMEOUT, make_config, metrics
 

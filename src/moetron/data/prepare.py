@@ -20,6 +20,7 @@ import functools
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -171,7 +172,10 @@ def _run(jobs: list[dict], workers: int, progress: bool, total: int, done: int) 
                 report(encode_chunk(job))
             return
         # fork: the parent holds no threads yet, and workers start without re-importing the package.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # fork is fast, but forking a process that runs threads (torch's pools, a process group's threads: a
+        # training rank preparing a raw file on first use) can deadlock the children: spawn there.
+        threaded = "torch" in sys.modules or threading.active_count() > 1
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not threaded else "spawn"
         with multiprocessing.get_context(method).Pool(workers, initializer=_worker_init) as pool:
             for stats in pool.imap_unordered(encode_chunk, jobs):
                 report(stats)
