@@ -21,41 +21,16 @@ from moetron.parallel.actions import Action, Op
 from moetron.parallel.executor import BackwardJob, ForwardJob
 from moetron.parallel.local import run_local
 from moetron.parallel.weight_grad import ChunkBackward
-from torch import nn
+from test_overlap import Stage, loss_fn
 
 from moetron.model.attention import MLA
-from moetron.model.block import Block
-from moetron.model.moe_ep import apply_expert_parallel
-from moetron.model.rope import rope_cos_sin
 
 SEQ, COMM_RATIO = 8, 2 / 3
-
-
-class Stage(nn.Module):
-    def __init__(self, cfg, ep, transport: Transport):
-        super().__init__()
-        torch.manual_seed(0)
-        self.cfg = cfg
-        self.blocks = nn.ModuleList([Block(cfg, moe=False), Block(cfg, moe=True), Block(cfg, moe=True)])
-        for p in self.parameters():
-            nn.init.normal_(p, std=0.1)
-        apply_expert_parallel(self, ep, "two_hop", transport=transport)
-
-    def forward(self, h):
-        cos, sin = rope_cos_sin(torch.arange(h.shape[1]), self.cfg.qk_rope_head_dim, self.cfg.rope_theta,
-                                self.cfg.rope_scaling)
-        for block in self.blocks:
-            h = block(h, cos, sin)
-        return h
 
 
 def attention_core_flops(module, inputs, output) -> float:
     batch, seq = output.shape[:2]
     return 2.0 * batch * module.n_heads * seq * seq * (module.nope_dim + module.rope_dim + module.v_dim) / 2
-
-
-def loss_fn(out, target):
-    return ((out - target) ** 2).mean()
 
 
 def record_pair(stage, hook, streams: StreamRecorder, name: str, step: int) -> None:
@@ -78,7 +53,7 @@ def run(rank: int, world: int) -> None:
     ep = world_ep_group(ranks_per_node=2)
     transport = Transport()
     enable_overlap(transport, ep, [list(range(world))], 2)
-    stage = Stage(small_model_config(n_group=2, topk_group=1, num_hidden_layers=3), ep, transport)
+    stage = Stage(small_model_config(n_group=2, topk_group=1, num_hidden_layers=3), ep, "two_hop", transport)
     streams = StreamRecorder(LinkModel(ranks_per_node=2, latency_s=0.0))
     compute = ComputeModel(flops_per_s=1e9, extra_flops={MLA: attention_core_flops}, sleep=lambda s: None,
                            streams=streams)
