@@ -16,11 +16,11 @@ from .experts import run_local_experts
 from .layout import EPGroup, local_size_of, new_ep_groups, node_slices, world_ep_group
 from .link_model import LinkModel
 from .payload import DispatchFormat
-from .recorder import Recorder
+from .recorder import FlightRecorder, Recorder
 from .stats import CommStats
 from .transport import Pending, Route, Transport
 
 __all__ = [
-    "MODES", "CommStats", "DispatchFormat", "Dispatched", "Dispatcher", "EPGroup", "LinkModel", "Pending", "Recorder",
-    "Route", "Transport", "local_size_of", "new_ep_groups", "node_slices", "run_local_experts", "world_ep_group",
+    "MODES", "CommStats", "DispatchFormat", "Dispatched", "Dispatcher", "EPGroup", "FlightRecorder", "LinkModel",
+    "Pending", "Recorder", "Route", "Transport", "local_size_of", "new_ep_groups", "node_slices", "run_local_experts", "world_ep_group",
 ]

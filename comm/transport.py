@@ -11,7 +11,8 @@ dispatchers (one per model replica), so that these can be switched on per model,
 - the running overlapped pair (comm/overlap.py): before the consumer of a transfer waits for it, the
   other chunk of the pair enqueues its work (`Pending.wait`);
 - a recorder (comm/recorder.py) of when each collective was issued and waited for, and a stream recorder
-  (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams.
+  (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams;
+- a flight recorder (comm/recorder.py) of the rank's recent collectives, for a hang watchdog.
 
 A *transfer* is what a consumer waits for: one dispatch, combine, or the backward of one, with all its
 hops and count exchanges (one communication kernel on a GPU, as DeepEP's). `open_transfer` starts one,
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 from .link_model import LinkModel
 from .payload import from_bytes, to_bytes
-from .recorder import Recorder, Span, current_rank
+from .recorder import FlightRecorder, Recorder, Span, current_rank
 from .stats import CommStats
 from .stream_model import StreamRecorder
 
@@ -48,8 +49,8 @@ class Transport:
     overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs)."""
 
     def __init__(self, link: LinkModel | None = None, recorder: Recorder | None = None,
-                 streams: StreamRecorder | None = None):
-        self.link, self.recorder, self.streams = link, recorder, streams
+                 streams: StreamRecorder | None = None, flight: FlightRecorder | None = None):
+        self.link, self.recorder, self.streams, self.flight = link, recorder, streams, flight
         self.twins: dict = {}  # process group -> its twin, for the transfers of backward passes
         self.pair = None  # the running overlapped pair (comm/overlap.py)
         self.current: int | None = None  # the stream recorder's transfer whose collectives are being issued
@@ -139,8 +140,9 @@ class Transport:
         deadline = self._book(group, send_splits, recv_splits, row_bytes)
         self._note_hop(group, send_splits, recv_splits, row_bytes)
         out = buf.new_empty((sum(recv_splits),) + tuple(buf.shape[1:]))
+        flight = self._issue(group, what, row_bytes * sum(send_splits))
         work = dist.all_to_all_single(out, buf.contiguous(), recv_splits, send_splits, group=group, async_op=True)
-        handle = Handle(self, work, issued, deadline, what)
+        handle = Handle(self, work, issued, deadline, what, flight)
         if async_op:
             return out, handle
         handle.wait()
@@ -155,16 +157,21 @@ class Transport:
         self._note_hop(group, [1] * size, [1] * size, 8)
         send = torch.tensor(send_splits, dtype=torch.int64, device=device)
         recv = torch.empty(size, dtype=torch.int64, device=device)
-        Handle(self, dist.all_to_all_single(recv, send, group=group, async_op=True), issued, deadline, "counts").wait()
+        flight = self._issue(group, "counts", 8 * size)
+        Handle(self, dist.all_to_all_single(recv, send, group=group, async_op=True), issued, deadline, "counts",
+               flight).wait()
         return recv.tolist()
+
+    def _issue(self, group, what: str, nbytes: int):
+        return None if self.flight is None else self.flight.issue("all_to_all", group, what=what, nbytes=nbytes)
 
 
 class Handle:
     """The real work, held back by the link model (if any) and recorded (if a recorder is set)."""
 
-    def __init__(self, transport: Transport, work, issued: float, deadline: float | None, what: str):
+    def __init__(self, transport: Transport, work, issued: float, deadline: float | None, what: str, flight=None):
         self.transport, self.work, self.issued, self.deadline, self.what = transport, work, issued, deadline, what
-        self.role = transport.role()
+        self.role, self.flight, self.flights = transport.role(), flight, transport.flight
 
     def wait(self) -> bool:
         transport = self.transport
@@ -174,6 +181,8 @@ class Handle:
         else:
             self.work.wait()
         t1 = time.perf_counter()
+        if self.flight is not None:
+            self.flights.done(self.flight)
         if transport.recorder is not None:
             transport.recorder.add(Span(current_rank(), self.role, "comm", self.issued, t1, self.what))
             transport.recorder.add(Span(current_rank(), self.role, "wait", t0, t1, self.what))

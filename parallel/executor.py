@@ -20,6 +20,9 @@ An F&B pair calls `forward_backward(forward_job, backward_job)`: the constructor
 else the forward module's `overlapped_forward_backward` static/class method if its class has one,
 else `sequential_forward_backward` (forward, then backward).
 
+With `flight` (a moetron.comm.FlightRecorder) every transfer is recorded, and the collectives the stages
+issue are labelled with the micro-batch of the action that issued them.
+
 Received tensors are allocated on `device` (default: the device of the stages' parameters), so the
 same code runs on CPU with gloo and on GPUs with NCCL.
 """
@@ -27,12 +30,15 @@ same code runs on CPU with gloo and on GPUs with NCCL.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+
+from moetron.comm.recorder import FlightRecorder
 
 from .actions import FB, Action, Op, Schedule, StageId, actions_of
 from .p2p import Message, StageComm
@@ -112,6 +118,7 @@ class PipelineExecutor:
         forward_backward: Callable[[ForwardJob, BackwardJob], tuple] | None = None,
         device: torch.device | None = None,
         sum_copies: bool = True,
+        flight: FlightRecorder | None = None,
     ):
         self.schedule = schedule
         self.sum_copies = sum_copies
@@ -132,7 +139,8 @@ class PipelineExecutor:
         self._forward_backward = forward_backward
         params = [p for m in self.stages.values() for p in m.parameters()]
         self.device = device or (params[0].device if params else torch.get_default_device())
-        self.comm = StageComm(schedule, self.rank, group, self.device)
+        self.flight = flight
+        self.comm = StageComm(schedule, self.rank, group, self.device, flight)
         self.weight_grads = WeightGradStore()
 
     def _match_stages(self, stages: Mapping[StageId | int, nn.Module]) -> dict[StageId, nn.Module]:
@@ -173,17 +181,18 @@ class PipelineExecutor:
         self.comm.begin_step(self._inputs)
         for index, step in enumerate(s.steps[self.rank]):
             self.comm.before(index)  # this step's receives, the last step's sends
-            if isinstance(step, FB):
-                self._pair(step)
-            elif step.op == Op.F:
-                job = self._forward_job(step)
-                self._finish_forward(job, job.run())
-            elif step.op == Op.W:
-                self.weight_grads.run(self._key(step))
-                del self._chunks[self._key(step)]
-            else:
-                job = self._backward_job(step)
-                self._finish_backward(job, job.run())
+            with self._micro_batch(step.forward if isinstance(step, FB) else step):
+                if isinstance(step, FB):
+                    self._pair(step)
+                elif step.op == Op.F:
+                    job = self._forward_job(step)
+                    self._finish_forward(job, job.run())
+                elif step.op == Op.W:
+                    self.weight_grads.run(self._key(step))
+                    del self._chunks[self._key(step)]
+                else:
+                    job = self._backward_job(step)
+                    self._finish_backward(job, job.run())
             self.comm.poll()
         self.comm.finish()
         if self._chunks or len(self.weight_grads):
@@ -201,12 +210,17 @@ class PipelineExecutor:
         with torch.no_grad():
             for index, a in enumerate(forwards):  # an F&B pair holds one forward
                 self.comm.before(index)
-                job = self._forward_job(a)
-                self._hand_on(a, job.run())
+                with self._micro_batch(a):
+                    job = self._forward_job(a)
+                    self._hand_on(a, job.run())
                 self.comm.poll()
             self.comm.finish()
         self._inputs = self._targets = None
         return StepResult(self._losses, 0)
+
+    def _micro_batch(self, a: Action):
+        """Label the collectives `a` issues (an F&B pair: its forward's) in the flight recorder."""
+        return nullcontext() if self.flight is None else self.flight.context(micro_batch=a.microbatch)
 
     def _split(self, name: str, batch, needed: bool) -> Sequence[torch.Tensor] | None:
         n = self.schedule.num_microbatches

@@ -12,13 +12,16 @@ shape is learned once: the rank holding the first stage broadcasts the shapes an
 input micro-batches (one small collective per step, waited for at the rank's first transfer); the first step with new input shapes sends a
 header before each activation, later steps with the same input shapes reuse what it learned. So a
 stage's output shape and dtype must depend only on its input's shape and dtype (checked on send).
-Messages also carry unique tags, which gloo uses to match (NCCL matches by order).
+Messages also carry unique tags, which gloo uses to match (NCCL matches by order). With a flight recorder
+(moetron.comm.FlightRecorder) every transfer is recorded when posted and when it is known complete.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from moetron.comm.recorder import FlightRecorder
 
 from .actions import Schedule, StageId
 from .transfer_plan import Message, Post, plan_transfers
@@ -37,8 +40,9 @@ Shape = tuple[tuple[int, ...], torch.dtype]
 class StageComm:
     """P2P for one pipeline rank. `group` is the pipeline process group (None: the default group)."""
 
-    def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device):
-        self.schedule, self.rank, self.group, self.device = schedule, rank, group, device
+    def __init__(self, schedule: Schedule, rank: int, group: dist.ProcessGroup | None, device: torch.device,
+                 flight: FlightRecorder | None = None):
+        self.schedule, self.rank, self.group, self.device, self.flight = schedule, rank, group, device, flight
         # Receives posted ahead let gloo move the next input during this step. A NCCL batch completes
         # as a whole (one work), so there a receive posted ahead would hold up the step before it.
         ahead = schedule.num_ranks == 1 or dist.get_backend(group) != "nccl"
@@ -46,8 +50,8 @@ class StageComm:
         self._source = schedule.placement[StageId(0, 0)]  # holds every micro-batch's input
         self._learned: dict[tuple, dict[Message, Shape]] = {}  # input shapes -> activation shapes
         self._outbox: dict[Message, torch.Tensor] = {}
-        self._posted: dict[Message, tuple[object, torch.Tensor]] = {}
-        self._in_flight: list[tuple[object, torch.Tensor]] = []
+        self._posted: dict[Message, tuple[object, torch.Tensor, object]] = {}  # work, buffer, its Flight
+        self._in_flight: list[tuple[object, torch.Tensor, object]] = []
         self._grad_like: dict[Message, Shape] = {}
 
     # ------------------------------------------------------------------------------ a step
@@ -64,9 +68,10 @@ class StageComm:
         whether activation shapes are known or this step learns them."""
         if self._key is None:
             return
-        work, table = self._key
+        work, table, flight = self._key
         if work is not None:
             work.wait()
+            self._done(flight)
         key = tuple(map(tuple, table.tolist()))
         self._key = None
         self._learning = key not in self._learned
@@ -100,8 +105,9 @@ class StageComm:
         """Post the sends of the last step and wait for every transfer of the step."""
         self.before(len(self._plan) - 1)
         self._agree()  # a rank without transfers still completes the broadcast
-        for work, _ in self._in_flight:
+        for work, _, flight in self._in_flight:
             work.wait()
+            self._done(flight)
         self._in_flight = []
         if self._posted or self._outbox:
             raise RuntimeError(f"rank {self.rank}: transfers left after the step: "
@@ -121,13 +127,31 @@ class StageComm:
         """Wait for `msg` (posted by an earlier `before`)."""
         if msg not in self._posted:
             raise RuntimeError(f"rank {self.rank}: {msg} from rank {src} was not posted (a bug in the plan)")
-        work, buffer = self._posted.pop(msg)
+        work, buffer, flight = self._posted.pop(msg)
         work.wait()
+        self._done(flight)
         return buffer
 
     def poll(self) -> None:
         """Release the tensors of finished sends."""
-        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+        pending = []
+        for work, tensor, flight in self._in_flight:
+            if work.is_completed():
+                self._done(flight)
+            else:
+                pending.append((work, tensor, flight))
+        self._in_flight = pending
+
+    def _issue(self, send: bool, msg: Message, tensor: torch.Tensor, peer: int, header: bool = False):
+        if self.flight is None:
+            return None
+        return self.flight.issue("send" if send else "recv", self.group, peer=peer, micro_batch=msg.microbatch,
+                                 what=f"{msg.kind}{' header' if header else ''} stage {msg.stage}",
+                                 nbytes=tensor.numel() * tensor.element_size())
+
+    def _done(self, flight) -> None:
+        if flight is not None:
+            self.flight.done(flight)
 
     def _post(self, posts: list[Post], header: tuple[Post, torch.Tensor] | None = None) -> None:
         ops, kept = [], []
@@ -137,9 +161,9 @@ class StageComm:
                 tensor = self._outbox.pop(post.msg)
                 if self._learning and post.msg.kind == "act":
                     ops.append(dist.P2POp(dist.isend, self._header(tensor), peer, self.group, self._tag(post.msg, True)))
-                    kept.append((None, ops[-1].tensor))
+                    kept.append((None, ops[-1].tensor, self._issue(True, post.msg, ops[-1].tensor, peer, True)))
                 ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, self._tag(post.msg, False)))
-                kept.append((None, tensor))
+                kept.append((None, tensor, self._issue(True, post.msg, tensor, peer)))
             else:
                 if post.msg.kind == "act":
                     shape, dtype = self._shapes[post.msg]
@@ -147,22 +171,25 @@ class StageComm:
                     shape, dtype = self._grad_like.pop(post.msg)
                 buffer = torch.empty(shape, dtype=dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, self._tag(post.msg, False)))
-                kept.append((post.msg, buffer))
+                kept.append((post.msg, buffer, self._issue(False, post.msg, buffer, peer)))
+        header_flight = None
         if header is not None:
             post, buffer = header
             ops.append(dist.P2POp(dist.irecv, buffer, self._peer(post.peer), self.group, self._tag(post.msg, True)))
+            header_flight = self._issue(False, post.msg, buffer, self._peer(post.peer), True)
         if not ops:
             return
         works = dist.batch_isend_irecv(ops)
         if len(works) != len(ops):  # NCCL: one work for the whole (coalesced) batch
             works = [works[-1]] * len(ops)
-        for work, (msg, tensor) in zip(works, kept):
+        for work, (msg, tensor, flight) in zip(works, kept):
             if msg is None:
-                self._in_flight.append((work, tensor))
+                self._in_flight.append((work, tensor, flight))
             else:
-                self._posted[msg] = (work, tensor)
+                self._posted[msg] = (work, tensor, flight)
         if header is not None:
             works[-1].wait()
+            self._done(header_flight)
 
     # ------------------------------------------------------------------------------ shapes
     def _input_key(self, inputs) -> tuple:
@@ -174,8 +201,10 @@ class StageComm:
             for m, x in enumerate(inputs):
                 table[m] = self._header(x)
         if self.schedule.num_ranks == 1:
-            return None, table
-        return dist.broadcast(table, self._peer(self._source), group=self.group, async_op=True), table
+            return None, table, None
+        flight = None if self.flight is None else self.flight.issue(
+            "broadcast", self.group, what="input shapes", nbytes=table.numel() * table.element_size())
+        return dist.broadcast(table, self._peer(self._source), group=self.group, async_op=True), table, flight
 
     def _check_shape(self, msg: Message, tensor: torch.Tensor) -> None:
         got = (tuple(tensor.shape), tensor.dtype)
