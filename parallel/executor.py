@@ -35,10 +35,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from moetron.comm.recorder import FlightRecorder
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
-
-from moetron.comm.recorder import FlightRecorder
 
 from .actions import FB, Action, Op, Schedule, StageId, actions_of
 from .p2p import Message, StageComm

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from moetron.comm.recorder import FlightRecorder
 
 from .actions import Schedule, StageId

@@ -66,14 +66,15 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def start(requested: str, timeout_minutes: float = 10.0) -> Runtime:
+def start(requested: str, timeout_s: float = 600.0) -> Runtime:
     """Choose the device and join (or create) the process group. Under torchrun / srun the environment
-    names the world; a bare process becomes a world of one. Idempotent: a second call reuses the group."""
+    names the world; a bare process becomes a world of one. Idempotent: a second call reuses the group.
+    `timeout_s`: how long a collective may wait before the backend aborts it."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(requested, local_rank)
     if is_gpu(device):
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(minutes=timeout_minutes)
+    timeout = datetime.timedelta(seconds=timeout_s)
     owns_group = not dist.is_initialized()
     if owns_group:
         device_id = device if is_gpu(device) else None

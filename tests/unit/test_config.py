@@ -45,6 +45,8 @@ def test_bad_train_values_name_the_field(train, field):
     [
         (ParallelConfig(ep_dispatch="deepep"), "parallel.ep_dispatch"),
         (ParallelConfig(link_model_scale=-1.0), "parallel.link_model_scale"),
+        (ParallelConfig(comm_timeout=0.0), "parallel.comm_timeout"),
+        (ParallelConfig(comm_timeout=float("inf")), "parallel.comm_timeout"),
         (ParallelConfig(schedule="gpipe"), "parallel.schedule"),
     ],
 )

@@ -28,6 +28,9 @@ class ParallelConfig:
     # > 0: time the all-to-alls by comm/link_model.py (NVLink 160 / IB 50 GB/s times this factor) instead of
     # the local transport's own speed, for studies of layouts and overlap on a small machine. 0: off.
     link_model_scale: float = 0.0
+    # Seconds a collective, pipeline transfer or step may go without progress before this rank's watchdog
+    # writes run.dir/hang/rank_R.json and exits 124 (monitor/watchdog.py); also the process group's timeout.
+    comm_timeout: float = 600.0
 
     @property
     def world_size(self) -> int:
@@ -49,6 +52,8 @@ def validate_parallel(parallel: ParallelConfig, prefix: str = "parallel") -> Non
         raise invalid(f"{prefix}.ep_dispatch", parallel.ep_dispatch, " | ".join(MODES))
     if not parallel.link_model_scale >= 0:
         raise invalid(f"{prefix}.link_model_scale", parallel.link_model_scale, "0 (off) or a positive factor")
+    if not parallel.comm_timeout > 0:
+        raise invalid(f"{prefix}.comm_timeout", parallel.comm_timeout, "a positive number of seconds")
     if not parallel.ranks_per_node >= 0:
         raise invalid(f"{prefix}.ranks_per_node", parallel.ranks_per_node, "0 (from the launcher) or a positive integer")
     if parallel.dp % parallel.ep:

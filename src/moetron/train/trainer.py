@@ -37,7 +37,7 @@ from tqdm import tqdm
 from moetron import device as dev
 from moetron.checkpoint import CheckpointStore
 from moetron.checkpoint.state import FlatChunk, expert_offsets, model_entries
-from moetron.comm import LinkModel, Transport
+from moetron.comm import FlightRecorder, LinkModel, Transport
 from moetron.comm.errors import ParameterError
 from moetron.config import ConfigError, MoetronConfig, invalid
 from moetron.config.hydra import to_yaml
@@ -48,6 +48,7 @@ from moetron.model.moe import MoE
 from moetron.model.stages import stages_holding
 from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
+from moetron.monitor.watchdog import HangWatchdog
 from moetron.parallel import PipelineExecutor, build_schedule
 from moetron.parallel.mesh import MeshLayout, ProcessMesh
 from moetron.train import schedules
@@ -118,7 +119,8 @@ def start_runtime(config: MoetronConfig) -> dev.Runtime:
                 raise invalid("run.rank", run.rank, f"a rank of the layout, 0 to {world - 1}",
                               f"parallel.pp x parallel.dp x parallel.tp = {world}.")
             return dev.start_fake(run.device, run.rank, world)
-        return dev.start(run.device)
+        # The backend's own timeout is a backstop behind the watchdog, which fires first and says more.
+        return dev.start(run.device, timeout_s=2 * config.parallel.comm_timeout)
     except ValueError as err:
         raise invalid("run.device", config.run.device, " | ".join(dev.DEVICES), str(err).capitalize() + ".") from err
 
@@ -152,10 +154,14 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.runtime = start_runtime(config)
         self.device, self.rank, self.world = self.runtime.device, self.runtime.rank, self.runtime.world_size
+        # This rank's recent collectives, for the hang watchdog (started by fit; monitor/watchdog.py).
+        self.flight = FlightRecorder(self.rank)
+        self.watchdog: HangWatchdog | None = None
         self.is_writer = self.rank == 0
         self.autocast_dtype = COMPUTE_DTYPES[config.train.precision]
         self.mesh = self.build_mesh(ranks_per_node_from_env(ranks_per_node or config.parallel.ranks_per_node,
                                                             self.world))
+        self._name_groups()
         self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, config.run.seed)
         if self.data is not None and self.data.tokenizer.vocab_size > config.model.vocab_size:
             raise invalid("model.vocab_size", config.model.vocab_size, f"at least {self.data.tokenizer.vocab_size}",
@@ -167,7 +173,7 @@ class Trainer:
         par = config.parallel
         # One transport for every MoE layer of this rank: the link model and the overlap apply to all of them.
         self.transport = Transport(link=LinkModel(self.mesh.layout.ranks_per_node, scale=par.link_model_scale)
-                                   if par.link_model_scale > 0 else None)
+                                   if par.link_model_scale > 0 else None, flight=self.flight)
         with config_fields():
             staged = parallelize(full, self.mesh, config, self.transport)
         del full
@@ -178,7 +184,7 @@ class Trainer:
         self._parameter_table()
         # A dry run counts the optimizer's buffers from their shapes instead of allocating them.
         self.optimizer = ZeroAdamW(self.shard_groups, config.train.optim, self.rank, shard=par.zero1,
-                                   allocate=not self.dry_run)
+                                   allocate=not self.dry_run, flight=self.flight)
         self.build_seconds = time.perf_counter() - started
         if self.dry_run:
             return
@@ -227,11 +233,16 @@ class Trainer:
         self.pp_index, self.dp_index = mesh.coords["pp"], mesh.coords["dp"]
         return mesh
 
-    def _first_holder(self, name: str) -> int:
-        """The lowest pipeline index holding the full-model tensor `name` (its copy counted in norms)."""
-        cfg = self.cfg.model
-        stages = stages_holding(name, cfg.num_hidden_layers, self.num_stages, cfg.num_nextn_predict_layers)
-        return min(pp for sid, pp in self.placement.items() if sid.stage in stages)
+    def _name_groups(self) -> None:
+        """Name the mesh's process groups in the flight records ("pp", "ep rail", ...)."""
+        from moetron.parallel.mesh import KINDS
+
+        groups = [(getattr(self.mesh, f"{kind}_group", None), kind) for kind in KINDS]
+        ep = self.mesh.ep
+        groups += [(ep.group, "ep"), (ep.rail, "ep rail"), (ep.intra, "ep intra")]
+        for group, name in groups:
+            if group is not None and not self.dry_run:
+                self.flight.name_group(group, name)
 
     def _pp_holders(self, name: str) -> list[int]:
         """The pipeline ranks holding the full-model tensor `name` (DualPipe: two; the embedding with MTP: the
@@ -313,7 +324,13 @@ class Trainer:
         return inner if self.is_writer else _WriterOnly(inner)
 
     def barrier(self) -> None:
-        dist.barrier(group=self.runtime.object_group)
+        with self.flight.op("barrier", self.runtime.object_group):
+            dist.barrier(group=self.runtime.object_group)
+
+    def all_reduce(self, tensor: torch.Tensor, what: str, op=dist.ReduceOp.SUM) -> None:
+        """dist.all_reduce over the world, in the flight recorder as `what`."""
+        with self.flight.op("all_reduce", what=what, nbytes=tensor.numel() * tensor.element_size()):
+            dist.all_reduce(tensor, op=op)
 
     def moe_layers(self) -> list[MoE]:
         return self.model.moe_layers()
@@ -393,9 +410,13 @@ class Trainer:
     def _lock_run_dir(self) -> None:
         """Refuse to share run.dir with another trainer (rank 0 holds the lock; every rank learns the verdict)."""
         self.run_lock = RunDirLock(self.run_dir)
-        holder = [self.run_lock.acquire() if self.is_writer else None]
+        # With the lock's verdict rank 0 sends the launch's name: the flight records of this launch carry it.
+        holder = [self.run_lock.acquire() if self.is_writer else None, f"{os.getpid()}@{time.time():.6f}"]
         if self.world > 1:
-            dist.broadcast_object_list(holder, src=0, group=self.runtime.object_group)
+            with self.flight.op("broadcast", self.runtime.object_group, what="run.dir lock"):
+                dist.broadcast_object_list(holder, src=0, group=self.runtime.object_group)
+        if self.watchdog is not None:
+            self.watchdog.incarnation = holder[1]
         if holder[0] is not None:
             raise invalid("run.dir", str(self.run_dir), "a run directory no other trainer is using (wait for that "
                           "run to end or stop it, or choose another run.dir)",
@@ -453,7 +474,7 @@ class Trainer:
                 ) from err
             self._executors[num_micro] = PipelineExecutor(
                 schedule, self.model.by_id(), self._loss_fn, group=self.mesh.pp_group,
-                forward_backward=self._overlapped, device=self.device, sum_copies=False)
+                forward_backward=self._overlapped, device=self.device, sum_copies=False, flight=self.flight)
         return self._executors[num_micro]
 
     def _loss_fn(self, out, target: torch.Tensor) -> torch.Tensor:
@@ -499,7 +520,7 @@ class Trainer:
         self.optimizer.zero_grad()
         self.run_pipeline(micro)
         sums = self._ctx["sums"]
-        dist.all_reduce(sums)
+        self.all_reduce(sums, "loss sums")
         # Each holder's FP32 gradients summed into the shard owners (DP replicas, DualPipe's two copies, the
         # embedding's copies) and averaged over the data-parallel replicas.
         self.optimizer.reduce_gradients(self.mesh.layout.dp)
@@ -513,7 +534,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.wait()  # the optimizer step that follows writes the masters the EMA thread reads
         local = self.optimizer.grad_sq_norm(self.device)
-        dist.all_reduce(local)
+        self.all_reduce(local, "grad norm")
         squared = local.item()
         norm = math.sqrt(squared) if math.isfinite(squared) else float("nan")
         clip = self.cfg.train.optim.grad_clip or float("inf")
@@ -531,7 +552,7 @@ class Trainer:
             table[self._layer_ids[id(moe)]] += moe.tokens_per_expert.double()
             bal += moe.balance_loss_sum.double()
         packed = torch.cat([bal, table.flatten()])
-        dist.all_reduce(packed)
+        self.all_reduce(packed, "expert loads")
         loads = packed[1:].view_as(table).float().to(dev.HOST)
         return packed[0].item() / micro_batches, list(loads.unbind(0))
 
@@ -548,13 +569,13 @@ class Trainer:
             i = self._layer_ids[id(moe)]
             if i in self._reports_bias:
                 table[i] = moe.gate.e_score_correction_bias
-        dist.all_reduce(table)
+        self.all_reduce(table, "router biases")
         return table.flatten().to(dev.HOST)
 
     def stop_requested(self) -> bool:
         """A stop signal on any rank stops every rank after the same step."""
         flag = torch.tensor([1 if self.stop_signal is not None else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.all_reduce(flag, "stop flag", op=dist.ReduceOp.MAX)
         if flag.item() and self.stop_signal is None:
             self.stop_signal = "peer"
         return bool(flag.item())
@@ -563,13 +584,14 @@ class Trainer:
         """The largest peak resident memory of any rank (MB), and on a GPU its peak allocated device memory."""
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                              dev.peak_memory_bytes(self.device) / 2**20], dtype=torch.float64, device=self.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        self.all_reduce(peak, "peak memory", op=dist.ReduceOp.MAX)
         rss, device_mb = peak.tolist()
         return {"peak_rss_mb": rss, **({"peak_device_mb": device_mb} if dev.is_gpu(self.device) else {})}
 
     def train_step(self) -> dict:
         train, state = self.cfg.train, self.state
         step = state.step + 1
+        self.flight.beat(step)
         self.faults.crash(step)
         batch_size = self.batch_size()
         mtp_lambda = schedules.mtp_lambda(train, state.tokens)
@@ -677,7 +699,7 @@ class Trainer:
         self._ctx = dict(eval=True, sums=torch.zeros(1, dtype=torch.float64, device=self.device))
         self.run_pipeline(self.my_micro_batches(batch), forward_only=True)
         total = self._ctx["sums"]
-        dist.all_reduce(total)
+        self.all_reduce(total, "validation loss")
         return total.item() / (per_replica * dp)
 
     # ------------------------------------------------------------------------------------------- loop
@@ -686,8 +708,18 @@ class Trainer:
 
     def fit(self) -> dict | None:
         try:
+            if not self.dry_run:  # a rank that makes no progress for parallel.comm_timeout writes its record, exits
+                self.watchdog = HangWatchdog(self.flight, self.cfg.parallel.comm_timeout, self.run_dir, self.world,
+                                             incarnation="").start()
             return self._fit()
+        except dist.DistError as err:  # the backend gave up first (its timeout, a peer gone): the same report
+            if self.watchdog is None:
+                raise
+            self.watchdog.trip(f"a {type(err).__name__} from the backend ({str(err).splitlines()[0][:200]})")
+            raise
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if hasattr(self, "run_lock"):
                 self.run_lock.release()  # whatever ended the run, another trainer may now take run.dir
             if self.runtime.owns_group and dist.is_initialized():
@@ -789,6 +821,8 @@ class Trainer:
             figure.clf()
 
     def finish(self) -> None:
+        if self.watchdog is not None:  # no collectives from here on: the report may take its time
+            self.watchdog.stop()
         if self.ema is not None:
             self.ema.close()
         self.run_lock.release()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moetron.checkpoint.state import FlatChunk
+from moetron.comm.recorder import FlightRecorder, record
 from moetron.config import OptimConfig
 from moetron.train.optim import DTYPES, adamw_update
 
@@ -148,8 +149,9 @@ class ZeroAdamW:
     """AdamW over the shards of every group this rank is a member of (see the module docstring)."""
 
     def __init__(self, groups: list[ShardGroup], cfg: OptimConfig, rank: int, shard: bool = True,
-                 bucket_numel: int = BUCKET_NUMEL, allocate: bool = True):
+                 bucket_numel: int = BUCKET_NUMEL, allocate: bool = True, flight: FlightRecorder | None = None):
         self.groups, self.cfg, self.rank, self.shard = groups, cfg, rank, shard
+        self.flight = flight  # records each bucket's reduce-scatter and all-gather (for the hang watchdog)
         self.moment_dtype = DTYPES[cfg.moment_dtype]
         self.lr = cfg.lr
         self.all_params = [p for g in groups for _, p in g.params]
@@ -171,7 +173,13 @@ class ZeroAdamW:
 
     def reduce_gradients(self, divisor: float) -> None:
         for b in self.buckets:
-            b.reduce(divisor)
+            with self._record("reduce_scatter" if b.sharded else "all_reduce", b, "gradients"):
+                b.reduce(divisor)
+
+    def _record(self, kind: str, b: Bucket, what: str):
+        if len(b.group.ranks) == 1 or (kind == "all_gather" and not b.sharded):  # nothing goes over the wire
+            return record(None, kind)
+        return record(self.flight, kind, b.group.group, what=what, nbytes=b.grad.numel() * b.grad.element_size())
 
     def grad_sq_norm(self, device: torch.device) -> torch.Tensor:
         """Sum of squares of this rank's gradient shards (each element of the world is in one shard)."""
@@ -195,7 +203,8 @@ class ZeroAdamW:
         for b in self.buckets:
             adamw_update(b.master, b.my_grad(), b.exp_avg, b.exp_avg_sq, b.decay, lr=self.lr,
                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, step=t)
-            b.gather()
+            with self._record("all_gather", b, "parameters"):
+                b.gather()
 
     def load_masters(self) -> None:
         for b in self.buckets:
