@@ -29,7 +29,8 @@ class ParallelConfig:
     # the local transport's own speed, for studies of layouts and overlap on a small machine. 0: off.
     link_model_scale: float = 0.0
     # Seconds a collective, pipeline transfer or step may go without progress before this rank's watchdog
-    # writes run.dir/hang/rank_R.json and exits 124 (monitor/watchdog.py); also the process group's timeout.
+    # writes run.dir/hang/rank_R.json and exits 124 (monitor/watchdog.py). The process group's own timeout, a
+    # backstop, is twice this (at least 5 minutes: it also bounds the start-up rendezvous).
     comm_timeout: float = 600.0
 
     @property

@@ -64,6 +64,7 @@ CONFIG_FIELDS = {
     "ranks_per_node": "parallel.ranks_per_node", "mode": "parallel.ep_dispatch",
     "num_experts": "model.n_routed_experts", "world_size": "parallel.pp x parallel.dp x parallel.tp",
 }
+BACKEND_TIMEOUT_FLOOR_S = 300.0  # the process group's timeout is 2 x parallel.comm_timeout, at least this
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.param_dtype
 
@@ -119,8 +120,9 @@ def start_runtime(config: MoetronConfig) -> dev.Runtime:
                 raise invalid("run.rank", run.rank, f"a rank of the layout, 0 to {world - 1}",
                               f"parallel.pp x parallel.dp x parallel.tp = {world}.")
             return dev.start_fake(run.device, run.rank, world)
-        # The backend's own timeout is a backstop behind the watchdog, which fires first and says more.
-        return dev.start(run.device, timeout_s=2 * config.parallel.comm_timeout)
+        # The backend's own timeout is a backstop behind the watchdog, which fires first and says more; it also
+        # bounds the start-up rendezvous, hence the floor (ranks of a loaded machine start slowly).
+        return dev.start(run.device, timeout_s=max(2 * config.parallel.comm_timeout, BACKEND_TIMEOUT_FLOOR_S))
     except ValueError as err:
         raise invalid("run.device", config.run.device, " | ".join(dev.DEVICES), str(err).capitalize() + ".") from err
 
