@@ -58,14 +58,15 @@ class Flight:
     bytes: int
     issued: float  # time.time() seconds (comparable across the ranks of one machine or an NTP-synced cluster)
     completed: float | None = None
+    waited: float | None = None  # when this rank began to block on it (None: not yet)
     micro_batch: int | None = None
     layer: int | None = None
 
 
 class FlightRecorder:
     """The last `capacity` collectives of this rank, and every one still incomplete, for the hang watchdog
-    (moetron/monitor/watchdog.py). The code that issues a collective calls `issue` and, once it has waited
-    for it, `done` (or wraps a blocking call in `op`). Thread-safe; a recorder per rank, owned by its trainer.
+    (moetron/monitor/watchdog.py). The code that issues a collective calls `issue`, `wait` when it blocks on
+    it and `done` once it completed (or wraps a blocking call in `op`). Thread-safe; a recorder per rank, owned by its trainer.
     `beat(step)` marks progress that issues nothing (a step begins). On a GPU `done` follows the enqueue, not
     the kernel: NCCL's own timeout covers the kernel."""
 
@@ -128,6 +129,11 @@ class FlightRecorder:
             self.last_activity = now
         return flight
 
+    def wait(self, flight: Flight) -> None:
+        """This rank now blocks until `flight` completes (what a hang report names)."""
+        if flight.waited is None:
+            flight.waited = self.clock()
+
     def done(self, flight: Flight) -> None:
         now = self.clock()
         with self._lock:
@@ -140,6 +146,7 @@ class FlightRecorder:
     def op(self, kind: str, group=None, **details):
         """A blocking collective: issued on entry, completed on exit (not if it raised)."""
         flight = self.issue(kind, group, **details)
+        flight.waited = flight.issued
         yield flight
         self.done(flight)
 

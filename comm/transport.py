@@ -176,6 +176,8 @@ class Handle:
     def wait(self) -> bool:
         transport = self.transport
         t0 = time.perf_counter()
+        if self.flight is not None:
+            self.flights.wait(self.flight)
         if self.deadline is not None and transport.link is not None:
             transport.link.delay(self.work, self.deadline).wait()
         else:

@@ -69,8 +69,7 @@ class StageComm:
             return
         work, table, flight = self._key
         if work is not None:
-            work.wait()
-            self._done(flight)
+            self._wait(work, flight)
         key = tuple(map(tuple, table.tolist()))
         self._key = None
         self._learning = key not in self._learned
@@ -105,8 +104,7 @@ class StageComm:
         self.before(len(self._plan) - 1)
         self._agree()  # a rank without transfers still completes the broadcast
         for work, _, flight in self._in_flight:
-            work.wait()
-            self._done(flight)
+            self._wait(work, flight)
         self._in_flight = []
         if self._posted or self._outbox:
             raise RuntimeError(f"rank {self.rank}: transfers left after the step: "
@@ -127,8 +125,7 @@ class StageComm:
         if msg not in self._posted:
             raise RuntimeError(f"rank {self.rank}: {msg} from rank {src} was not posted (a bug in the plan)")
         work, buffer, flight = self._posted.pop(msg)
-        work.wait()
-        self._done(flight)
+        self._wait(work, flight)
         return buffer
 
     def poll(self) -> None:
@@ -147,6 +144,12 @@ class StageComm:
         return self.flight.issue("send" if send else "recv", self.group, peer=peer, micro_batch=msg.microbatch,
                                  what=f"{msg.kind}{' header' if header else ''} stage {msg.stage}",
                                  nbytes=tensor.numel() * tensor.element_size())
+
+    def _wait(self, work, flight) -> None:
+        if flight is not None:
+            self.flight.wait(flight)
+        work.wait()
+        self._done(flight)
 
     def _done(self, flight) -> None:
         if flight is not None:
@@ -187,8 +190,7 @@ class StageComm:
             else:
                 self._posted[msg] = (work, tensor, flight)
         if header is not None:
-            works[-1].wait()
-            self._done(header_flight)
+            self._wait(works[-1], header_flight)
 
     # ------------------------------------------------------------------------------ shapes
     def _input_key(self, inputs) -> tuple:

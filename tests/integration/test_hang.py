@@ -11,9 +11,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from moetron.config import DataConfig
 from moetron.data import build_data
 from moetron.monitor.watchdog import EXIT_HANG
+
+# Three 4-rank launches (two at once): about 2 minutes on a quiet 2-core machine, far more on a loaded one.
+pytestmark = pytest.mark.timeout(1200)
 
 TIMEOUT = 20  # parallel.comm_timeout of the hung run, seconds
 STOPPED = 2  # the rank that is stopped

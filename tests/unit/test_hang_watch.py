@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
 from moetron.comm.recorder import FlightRecorder
+
 from moetron.monitor import hang
-from moetron.monitor.watchdog import EXIT_HANG, HangWatchdog
+from moetron.monitor.watchdog import EXIT_HANG, HangWatchdog, stuck_flight
 
 
 class Clock:
@@ -34,6 +34,19 @@ def test_recorder_keeps_the_last_flights_and_every_open_one():
     assert flight.idle_seconds() == 7
     flight.done(waiting)
     assert flight.idle_seconds() == 0 and all(f["completed"] for f in flight.snapshot()["flights"])
+
+
+def test_the_stuck_flight_is_the_one_waited_for_not_one_posted_ahead():
+    clock = Clock()
+    flight = FlightRecorder(rank=0, clock=clock)
+    flight.issue("broadcast", what="input shapes")  # async, waited for later
+    clock.now += 1
+    dispatch = flight.issue("all_to_all", what="dispatch")
+    clock.now += 1
+    flight.issue("recv", peer=1, what="act stage 1")  # posted ahead
+    assert stuck_flight(flight.snapshot())["what"] == "input shapes"  # nothing waited for: the oldest open
+    flight.wait(dispatch)
+    assert stuck_flight(flight.snapshot())["what"] == "dispatch"
 
 
 def test_context_labels_the_collectives_of_its_thread():

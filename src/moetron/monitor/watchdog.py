@@ -24,8 +24,12 @@ HANG_DIR = "hang"
 
 
 def stuck_flight(record: dict) -> dict | None:
-    """The collective a rank's record shows it stuck in: its oldest incomplete one (None: none open)."""
+    """The collective a rank's record shows it stuck in: the incomplete one it last began to wait for, else its
+    oldest incomplete one (None: none open). Transfers posted ahead are incomplete without being waited for."""
     open_ = [f for f in record["flights"] if f["completed"] is None]
+    waited = [f for f in open_ if f.get("waited") is not None]
+    if waited:
+        return max(waited, key=lambda f: f["waited"])
     return min(open_, key=lambda f: f["issued"]) if open_ else None
 
 
