@@ -109,7 +109,9 @@ def test_report_names_the_rank_without_a_record_and_what_its_peers_wait_for(tmp_
     assert hang.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "stalled: rank 2 (wrote no flight record" in out
-    assert 'ranks 0, 3 waited for it in all_reduce "grad norm" on world' in out
+    assert 'stalled: rank 2 (wrote no flight record: stopped or dead), in all_reduce "grad norm" on world' in out
+    assert 'Waiting for it: rank 0 in all_reduce "grad norm" on world (ranks 0,1,2,3); rank 1 in recv "act stage 1" ' \
+           'on pp peer 2; rank 3 in all_reduce' in out
 
 
 def test_report_names_the_rank_whose_progress_stopped_first(tmp_path):

@@ -28,7 +28,7 @@ class Diagnosis:
     stalled: list[int]  # the rank(s) that stalled the run
     missing: bool  # True: they wrote no record (stopped or dead), False: the earliest last progress
     collective: dict | None  # the flight the run is stuck in (a peer's wait when the stalled rank wrote none)
-    waiting: list[int]  # the ranks whose stuck flight is `collective`'s kind, group and label
+    waiting: list[tuple[int, dict]]  # (rank, its stuck flight) of the ranks that wait for the stalled one
 
 
 def load(run_dir: Path) -> list[dict]:
@@ -68,15 +68,14 @@ def diagnose(records: list[dict]) -> Diagnosis:
         needing = [(rank, f) for rank, f in stuck if set(f["ranks"]) & set(missing)] or stuck
         if not needing:
             return Diagnosis(missing, True, None, [])
+        # The collective: the one most waiting ranks are stuck in, the earliest issued of those.
         common, _ = Counter(_signature(f) for _, f in needing).most_common(1)[0]
         first = min((f for _, f in needing if _signature(f) == common), key=lambda f: f["issued"])
-        return Diagnosis(missing, True, first, sorted(rank for rank, f in needing if _signature(f) == common))
+        return Diagnosis(missing, True, first, needing)
     earliest = min(records, key=lambda r: r["last_activity"])
     stuck = stuck_flight(earliest)
     collective = stuck if stuck is not None else (earliest["flights"][-1] if earliest["flights"] else None)
-    waiting = sorted(r["rank"] for r in records
-                     if (f := stuck_flight(r)) is not None and collective is not None
-                     and _signature(f) == _signature(collective))
+    waiting = [(r["rank"], f) for r in records if r is not earliest and (f := stuck_flight(r)) is not None]
     return Diagnosis([earliest["rank"]], False, collective, waiting)
 
 
@@ -95,8 +94,8 @@ def summary(diagnosis: Diagnosis) -> str:
         head = f"stalled: {noun} {ranks} (wrote no flight record: stopped or dead)"
         if diagnosis.collective is None:
             return head + "; the other ranks were not inside a collective."
-        waiting = ", ".join(map(str, diagnosis.waiting))
-        return f"{head}; ranks {waiting} waited for it in {describe(diagnosis.collective)}."
+        waits = "; ".join(f"rank {rank} in {describe(f)}" for rank, f in diagnosis.waiting)
+        return f"{head}, in {describe(diagnosis.collective)}. Waiting for it: {waits}."
     return (f"stalled: {noun} {ranks} (its last progress is the earliest), in "
             f"{describe(diagnosis.collective)}.")
 
