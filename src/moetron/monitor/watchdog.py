@@ -93,7 +93,7 @@ class HangWatchdog:
         os.replace(tmp, self.path)
         stuck = stuck_flight(record)
         waited = f", issued {now - stuck['issued']:.1f} s ago" if stuck is not None else ""
-        print(f"moetron: hang: rank {self.flight.rank} (step {record['step']}) made {reason}; it waits for "
+        print(f"moetron: hang: rank {self.flight.rank} (step {record['step']}): {reason}; it waits for "
               f"{describe(stuck)}{waited}. Its last {len(record['flights'])} collectives are in {self.path}. "
               f"Exiting {EXIT_HANG} so the launcher restarts the job from its newest checkpoint; "
               f"`python -m moetron.monitor.hang {self.path.parent.parent}` names the stalled rank.",

@@ -717,7 +717,7 @@ class Trainer:
         except dist.DistError as err:  # the backend gave up first (its timeout, a peer gone): the same report
             if self.watchdog is None:
                 raise
-            self.watchdog.trip(f"a {type(err).__name__} from the backend ({str(err).splitlines()[0][:200]})")
+            self.watchdog.trip(f"the backend raised {type(err).__name__} ({str(err).splitlines()[0][:200]})")
             raise
         finally:
             if self.watchdog is not None:
