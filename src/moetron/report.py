@@ -60,16 +60,20 @@ PHASE_COLORS = {"data": "tab:green", "forward_backward": "tab:blue", "optimizer"
 
 
 def _throughput(ax, metrics: list[dict], steps: list[int]) -> None:
+    """Tokens/s per device, with MFU (or model TFLOP/s) per device on the right axis: at a fixed model and
+    sequence length both are the same curve times a constant, so one line with two scales."""
     ax.plot(steps, _series(metrics, "tokens_per_s_per_device"), linewidth=1, color="tab:blue")
-    ax.set_ylabel("tokens/s per device", color="tab:blue")
-    right = ax.twinx()
-    if any("mfu" in m for m in metrics):
-        right.plot(steps, [100 * v for v in _series(metrics, "mfu")], linewidth=1, color="tab:red")
-        right.set_ylabel("MFU per device (%)", color="tab:red")
-    else:  # no monitor.peak_tflops: the achieved model TFLOP/s
-        right.plot(steps, _series(metrics, "tflops_per_device"), linewidth=1, color="tab:red")
-        right.set_ylabel("model TFLOP/s per device", color="tab:red")
+    ax.set_ylabel("tokens/s per device")
+    ax.set_xlabel("step")
     ax.set_title("throughput per device (global tokens/s / world)")
+    key, label, scale = ("mfu", "MFU per device (%)", 100.0) if any("mfu" in m for m in metrics) else \
+        ("tflops_per_device", "model TFLOP/s per device", 1.0)
+    ratios = [number(m[key]) * scale / number(m["tokens_per_s_per_device"]) for m in metrics
+              if number(m.get(key)) and number(m.get("tokens_per_s_per_device"))]
+    if ratios:
+        ratio = ratios[-1]
+        right = ax.secondary_yaxis("right", functions=(lambda t: t * ratio, lambda v: v / ratio))
+        right.set_ylabel(label)
 
 
 def _memory(ax, ranks: list[dict]) -> None:
@@ -85,7 +89,7 @@ def _memory(ax, ranks: list[dict]) -> None:
     ax.set_xlabel("rank")
     ax.set_ylabel("MB")
     ax.legend(fontsize=7)
-    ax.set_title(f"memory peaks per rank at step {last['step']}")
+    ax.set_title(f"memory peaks per rank at step {last['step']} (RSS: host process high-water mark)")
 
 
 def _phases(ax, metrics: list[dict], steps: list[int]) -> None:
@@ -157,6 +161,8 @@ def draw_report(run_dir: Path, out: Path) -> Path:
         ax_loss.plot(*zip(*val), "o-", label="val_loss", markersize=3)
     ax_grad.plot(steps, _series(metrics, "grad_norm"), linewidth=1, label="grad_norm")
     ax_grad.set_yscale("log")
+    # A step whose update was skipped is also a skip marker (its event is the verdict: spike or NaN/Inf).
+    events = events + [{**e, "event": "skip"} for e in events if e.get("action") == "skip"]
     for event in events:
         if event["event"] not in MARKERS:
             continue
