@@ -140,7 +140,7 @@ def test_offline_wandb_run_holds_metrics_and_spike_events(corpus, tmp_path):
     for key in ("perf/tflops_per_device", "time/time_forward_backward", "time/time_checkpoint",
                 "comm/ep_wait_share", "comm/dp_wait_share", "memory/peak_rss_mb"):
         assert key in last, key
-    assert last["perf/tokens_per_s_per_device"] == metrics(tmp_path / "run")[-1]["tokens_per_s_per_device"]
+    assert abs(last["perf/tokens_per_s_per_device"] / metrics(tmp_path / "run")[-1]["tokens_per_s_per_device"] - 1) < 1e-5
     assert any(row.get("balance/expert_load_heatmap/_type") == "image-file" for row in run.history)
     assert (tmp_path / "run" / "report.png").exists()
 
