@@ -45,7 +45,7 @@ def test_trainer_logs_global_and_per_device_throughput():
 
 def test_summary_takes_rank0s_time_the_largest_memory_and_the_mean_wait_share():
     rows = []
-    for rank, (rss, step_time, ep, dp) in enumerate([(100.0, 2.0, 0.5, 0.2), (300.0, 4.0, 1.0, 0.0)]):
+    for rank, (rss, step_time, ep, dp) in enumerate([(100.0, 2.0, 0.5, 0.2), (300.0, 4.0, 2.0, 0.0)]):
         values = {"peak_rss_mb": rss, "peak_device_allocated_mb": 10.0 * (rank + 1),
                   "peak_device_reserved_mb": 20.0 * (rank + 1), "step_time": step_time, "time_data": 0.1,
                   "time_forward_backward": 1.0, "time_optimizer": 0.5, "time_checkpoint": 0.0,
@@ -53,11 +53,11 @@ def test_summary_takes_rank0s_time_the_largest_memory_and_the_mean_wait_share():
         rows.append([values[c] for c in perf.COLUMNS])
     record, per_rank = perf.summarize(torch.tensor(rows, dtype=torch.float64), on_gpu=True)
     assert record["step_time"] == 2.0 and record["time_forward_backward"] == 1.0
-    assert record["ep_wait_share"] == pytest.approx((0.5 / 2 + 1.0 / 4) / 2)
+    assert record["ep_wait_share"] == pytest.approx((0.5 / 2 + 2.0 / 4) / 2)
     assert record["dp_wait_share"] == pytest.approx((0.2 / 2 + 0.0) / 2)
     assert record["peak_rss_mb"] == 300.0 and record["peak_device_allocated_mb"] == 20.0
     assert record["peak_device_reserved_mb"] == 40.0
-    assert per_rank["peak_rss_mb"] == [100.0, 300.0] and per_rank["ep_wait_share"] == [0.25, 0.25]
+    assert per_rank["peak_rss_mb"] == [100.0, 300.0] and per_rank["ep_wait_share"] == [0.25, 0.5]
     cpu_record, cpu_ranks = perf.summarize(torch.tensor(rows, dtype=torch.float64), on_gpu=False)
     assert "peak_device_allocated_mb" not in cpu_record and "peak_device_reserved_mb" not in cpu_ranks
 
