@@ -90,3 +90,22 @@ def test_expert_load_over_time_has_one_row_per_layer_and_expert():
     assert steps == [10, 20] and experts == 3 and len(rows) == 6
     assert rows[1] == [2.0, 0.9]  # layer 0, expert 1
     assert rows[3][0] == 0.5 and math.isnan(rows[3][1])  # layer 1, expert 0: missing at step 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_wait_clock_times_the_stream_and_memory_is_the_devices():
+    """A wait blocks the compute stream, not the host: the clock must see GPU time the host never waits for."""
+    from moetron import device as dev
+
+    device = dev.choose_device("cuda", 0)
+    clock = WaitClock(device)
+    with clock.measure():
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of stream time, queued without blocking the host
+    assert clock.take() > 0.005
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
+    row = perf.rank_row(device, 1.0, dict.fromkeys(("data", "forward_backward", "optimizer", "checkpoint"), 0.0),
+                        0.0, 0.0)
+    values = dict(zip(perf.COLUMNS, row.tolist()))
+    assert values["peak_device_allocated_mb"] >= 64 and values["peak_device_reserved_mb"] >= 64
+    del block
