@@ -145,7 +145,8 @@ def train_one(job: tuple) -> dict:
     torch.set_num_threads(run["threads"])
     metrics = Path(config.run.dir) / "metrics.jsonl"
     start = time.perf_counter()
-    if not _finished(metrics, config.train.steps):
+    trained = not _finished(metrics, config.train.steps)
+    if trained:
         from moetron.train.trainer import Trainer
 
         try:
@@ -154,7 +155,9 @@ def train_one(job: tuple) -> dict:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
     records = _read_metrics(metrics)
-    return {**run, "records": records, "wall_s": time.perf_counter() - start}
+    # a run kept from an earlier invocation (--keep) counts its own training time
+    wall = time.perf_counter() - start if trained else sum(r["step_time"] for r in records)
+    return {**run, "records": records, "wall_s": wall}
 
 
 def _read_metrics(path: Path) -> list[dict]:
