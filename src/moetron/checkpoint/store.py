@@ -24,7 +24,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +62,7 @@ class PendingSave:
 
     step: int
     tmp: Path
-    train_state: dict
-    write: Future
+    write: Future  # DCP's write, then (rank 0) the counters and the manifest
 
     def done(self) -> bool:
         """This rank's write has ended (successfully or not); publishing is collective, see the trainer."""
@@ -137,16 +136,23 @@ class CheckpointStore:
             writer = self.writer(str(tmp))
             if during_write is not None:
                 writer.write_data = _then(writer.write_data, during_write)
-            future = dcp.async_save(_owned(state), storage_writer=writer, async_stager=_Staged(),
-                                    process_group=self.async_group)
-        return PendingSave(step, tmp, train_state, future)
+            write = dcp.async_save(_owned(state), storage_writer=writer, async_stager=_Staged(),
+                                   process_group=self.async_group)
+        # The manifest hashes every file: that too happens off the training thread, once DCP is done.
+        sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-seal")
+        sealed = sealer.submit(self._seal_when_written, write, tmp, train_state)
+        sealer.shutdown(wait=False)
+        return PendingSave(step, tmp, sealed)
+
+    def _seal_when_written(self, write: Future, tmp: Path, train_state: dict) -> None:
+        write.result()  # every rank's shards are on disk once DCP's write returns
+        self._seal(tmp, train_state)
 
     def publish(self, pending: PendingSave) -> Path:
-        """Wait for the background write of `pending`, then seal and publish it as `save` does (collective).
-        A failed write is the ConfigError `save` raises; the published checkpoints stay as they were."""
+        """Wait for the background write of `pending`, then publish it as `save` does (collective). A failed
+        write is the ConfigError `save` raises; the published checkpoints stay as they were."""
         with self._cleanup_on_failure(pending.tmp):
             pending.write.result()
-            self._seal(pending.tmp, pending.train_state)
         return self._publish(pending.step, pending.tmp)
 
     def _temporary(self, step: int) -> Path:
