@@ -3,25 +3,27 @@ the manifest's checksums and the publish) against `run.async_checkpoint=true` (t
 copy of the state; DCP's async_save writes it in a background thread, the manifest is hashed there too, and
 the checkpoint is published at a later step boundary).
 
-The trainer itself runs (`Trainer.fit`, one process, the `tiny` preset by default: model, train and data of
-`python -m moetron.train`), once per mode, each in a fresh run.dir, with a checkpoint every `--save-every`
-steps. The time between the starts of consecutive steps is one iteration: the step, its logging and, on a
-save step, the save (synchronous) or its staging (asynchronous). Per mode:
-  stall_s: the iteration time of each save step minus the median iteration time of the steps that save
-           nothing and publish nothing, i.e. the time the save took away from training;
-  publish_stall_s (async): the same for the steps at which a finished background save was published
-           (two barriers, a rename and the pruning);
-  total_s: the whole training loop; median_step_s: the median iteration of steps without a save.
-The last step's save (and its wait) is left out of the per-save figures: the run ends there, so no step
-follows it; it is in total_s. The background write competes with training for the CPU, so the async
-run's median step can be higher than the sync run's while saves are in flight: compare total_s too.
+The trainer itself runs (`Trainer.fit`, one process, the `tiny` preset: model, train and data of
+`python -m moetron.train`, validation off), once per mode, each in a fresh run.dir, with a checkpoint every
+`--save-every` steps. Per mode:
+  blocked_s: per save step, the seconds the training thread spent in `Trainer.save` (sync: the whole save;
+          async: publishing the previous background save if still unpublished, then staging) and in
+          `Trainer.poll_save`; publish_s: the same at the other steps where a finished background save was
+          published (two barriers, a rename, the pruning); blocked_per_save_s: their sum over the run divided
+          by the number of saves -- the direct measure of the stall;
+  stall_s: the iteration time (start of a step to the start of the next) of each save step minus the
+          median iteration of the steps that neither save nor publish: the brief's step-time measure, which
+          on a shared machine is as noisy as the step time itself;
+  total_s: the whole training loop; median_step_s: the median iteration without a save or a publish.
+The last step's save is left out of the per-save figures (nothing follows it; it is in total_s). The
+background write competes with training for the CPU, so steps during a write may be slower: compare total_s.
 
 Writes benchmarks/results/checkpoint.json:
-  config: model preset and overrides, steps, save_every, threads, checkpoint_mb (one published checkpoint's
-          files), params, torch_version
-  sync, async: total_s, median_step_s, stall_s (list, one per save step), stall_mean_s, and for async
-          publish_stall_s (list), publish_stall_mean_s
-  speedup_stall: sync stall_mean_s / async stall_mean_s
+  config: overrides, steps, save_every, threads, checkpoint_mb (one published checkpoint's files), params,
+          torch_version
+  sync, async: total_s, median_step_s, blocked_s, blocked_mean_s, publish_s, blocked_per_save_s, stall_s,
+          stall_mean_s
+  speedup_stall: sync blocked_per_save_s / async blocked_per_save_s
 The headline, the last line printed: `checkpoint stall per save: sync X s, async Y s (Z x less)`.
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py [--steps 40] [--save-every 5] [--hidden 256]
