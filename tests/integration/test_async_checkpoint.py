@@ -4,6 +4,7 @@ previous checkpoint, and a preemption with a write in flight loses nothing.
 
 The reference is always the synchronous path of the same run (same model, data and seed)."""
 
+import errno
 import json
 import os
 import signal
@@ -12,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_faults import events, metrics
 from test_trainer import make_config, run_cli
 from torch.distributed.checkpoint import FileSystemWriter
 
+from moetron.checkpoint.manifest import verify_manifest
+from moetron.config import ConfigError
 from moetron.train.trainer import Trainer
 
 # DCP's index records the directory it was written to and a random save id; the manifest hashes the index.
@@ -84,6 +88,37 @@ def test_training_runs_on_while_the_checkpoint_is_written(corpus, tmp_path):
     assert first["step"] == 2 and first["published_at_step"] >= 3
     # ...and what it wrote is the state after step 2 (a staged copy), not the weights training moved on to
     assert checkpoints(tmp_path / "async") == checkpoints(tmp_path / "sync")
+
+
+class FullDiskAtStep4(FileSystemWriter):
+    """A DCP writer whose step-4 write fails as a full disk does."""
+
+    def write_data(self, plan, planner):
+        if "step_00000004" in str(self.path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write_data(plan, planner)
+
+
+def failed_save_message(corpus, run_dir, async_checkpoint) -> str:
+    trainer = Trainer(make_config(corpus, run_dir, 6, save_every=2, keep_checkpoints=10,
+                                  async_checkpoint=async_checkpoint))
+    trainer.checkpoints.writer = FullDiskAtStep4
+    with pytest.raises(ConfigError) as err:
+        trainer.fit()
+    kept = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [p.name for p in kept] == ["step_00000002"]
+    verify_manifest(kept[0])  # intact
+    assert not list((run_dir / "checkpoints").glob(".step_*"))  # the failed write's temporary removed
+    return str(err.value).replace(str(run_dir), "RUN")
+
+
+def test_a_failed_background_write_is_reported_as_a_failed_save(corpus, tmp_path):
+    got = failed_save_message(corpus, tmp_path / "async", async_checkpoint=True)
+    want = failed_save_message(corpus, tmp_path / "sync", async_checkpoint=False)
+    assert got.startswith("Cannot write checkpoint step_00000004 under RUN/checkpoints (")
+    assert "No space left on device" in got and "(step_00000002)" in got
+    strip_space = [m.split(";")[0] + m.split(";", 1)[1].split(")", 1)[1] for m in (got, want)]
+    assert strip_space[0] == strip_space[1]  # the same paragraph, free-space figures aside
 
 
 COMMON = ["train.seq_len=32", "train.eval_every=0", "run.progress=false", "monitor.wandb=false",
