@@ -772,8 +772,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
             self.poll_save()  # run.async_checkpoint: publish a background save whose write has ended
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
             saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
             if saved:
                 self.save()
