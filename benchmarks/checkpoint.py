@@ -145,7 +145,7 @@ def main() -> None:
                   f" ms), save step minus median step {r['stall_mean_s'] * 1e3:.0f} ms "
                   f"({', '.join(f'{s * 1e3:.0f}' for s in r['stall_s'])} ms)")
     speedup = results["sync"]["blocked_per_save_s"] / max(results["async"]["blocked_per_save_s"], 1e-9)
-    out = dict(config=dict(preset="tiny", overrides=overrides, steps=args.steps, save_every=args.save_every,
+    out = dict(config=dict(preset="tiny", overrides=[o.replace(f"{ROOT}/", "") for o in overrides], steps=args.steps, save_every=args.save_every,
                            threads=args.threads, checkpoint_mb=checkpoint_mb, params=params,
                            torch_version=torch.__version__),
                **results, speedup_stall=speedup)

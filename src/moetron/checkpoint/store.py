@@ -24,7 +24,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,15 +138,20 @@ class CheckpointStore:
                 writer.write_data = _then(writer.write_data, during_write)
             write = dcp.async_save(_owned(state), storage_writer=writer, async_stager=_Staged(),
                                    process_group=self.async_group)
-        # The manifest hashes every file: that too happens off the training thread, once DCP is done.
-        sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-seal")
-        sealed = sealer.submit(self._seal_when_written, write, tmp, train_state)
-        sealer.shutdown(wait=False)
+        # The manifest hashes every file: that too happens off the training thread, in DCP's writer thread
+        # once its write is done (a callback, not another thread to start).
+        sealed: Future = Future()
+        write.add_done_callback(lambda done: self._seal_when_written(done, tmp, train_state, sealed))
         return PendingSave(step, tmp, sealed)
 
-    def _seal_when_written(self, write: Future, tmp: Path, train_state: dict) -> None:
-        write.result()  # every rank's shards are on disk once DCP's write returns
-        self._seal(tmp, train_state)
+    def _seal_when_written(self, write: Future, tmp: Path, train_state: dict, sealed: Future) -> None:
+        try:
+            write.result()  # every rank's shards are on disk once DCP's write returns
+            self._seal(tmp, train_state)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            sealed.set_exception(err)
+        else:
+            sealed.set_result(None)
 
     def publish(self, pending: PendingSave) -> Path:
         """Wait for the background write of `pending`, then publish it as `save` does (collective). A failed
