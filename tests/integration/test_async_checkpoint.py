@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import events, metrics
+from test_faults import events, metrics, spike_config
 from test_trainer import make_config, run_cli
 from torch.distributed.checkpoint import FileSystemWriter
 
 from moetron.checkpoint.manifest import verify_manifest
-from moetron.config import ConfigError
+from moetron.config import ConfigError, FaultConfig
 from moetron.train.trainer import Trainer
 
 # DCP's index records the directory it was written to and a random save id; the manifest hashes the index.
@@ -61,12 +61,15 @@ def test_async_checkpoints_equal_the_synchronous_ones_bitwise(corpus, tmp_path):
     assert not list((tmp_path / "async" / "checkpoints").glob(".step_*"))  # no temporary left
 
 
-def gated_writer(trainer: Trainer, until_step: int, seen: list):
+def gated_writer(trainer: Trainer, until_step: int, seen: list, only: int | None = None):
     """A DCP writer that holds its shards back until the trainer has finished step `until_step` (or 20 s
-    passed: a synchronous save, which blocks the training thread, never gets there)."""
+    passed: a synchronous save, which blocks the training thread, never gets there); with `only`, just the
+    first checkpoint of that step."""
 
     class Gated(FileSystemWriter):
         def write_data(self, plan, planner):
+            if only is not None and (f"step_{only:08d}" not in str(self.path) or seen):
+                return super().write_data(plan, planner)
             deadline = time.monotonic() + 20
             while trainer.state.step < until_step and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -88,6 +91,22 @@ def test_training_runs_on_while_the_checkpoint_is_written(corpus, tmp_path):
     assert first["step"] == 2 and first["published_at_step"] >= 3
     # ...and what it wrote is the state after step 2 (a staged copy), not the weights training moved on to
     assert checkpoints(tmp_path / "async") == checkpoints(tmp_path / "sync")
+
+
+def test_a_rollback_waits_for_the_write_in_flight_and_chooses_as_the_synchronous_run(corpus, tmp_path):
+    """The step-12 checkpoint is still being written when step 14 spikes: the rollback publishes it and
+    goes back to it, as the synchronous run (whose step-12 checkpoint is on disk by then) does."""
+    spike, seen = [FaultConfig(step=14, kind="scale_loss", value=50.0)], []
+    for name, background in (("sync", False), ("async", True)):
+        trainer = Trainer(spike_config(corpus, tmp_path / name, 18, "rollback", spike, save_every=4,
+                                       async_checkpoint=background))
+        if background:
+            trainer.checkpoints.writer = gated_writer(trainer, until_step=14, seen=seen, only=12)
+        trainer.fit()
+    rollbacks = [[e for e in events(tmp_path / name) if e["event"] == "rollback"] for name in ("sync", "async")]
+    assert seen == [14]  # the step-12 write was held back until the spike's step
+    assert rollbacks[0][0]["to_step"] == 12 and rollbacks[1][0]["to_step"] == 12
+    assert [m["loss"] for m in metrics(tmp_path / "async")] == [m["loss"] for m in metrics(tmp_path / "sync")]
 
 
 class FullDiskAtStep4(FileSystemWriter):
