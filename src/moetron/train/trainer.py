@@ -188,9 +188,13 @@ class Trainer:
             p.register_post_accumulate_grad_hook(_to_main_grad)
         # parallel.ema: the EMA of this rank's FP32 master shard, in host memory (train/ema.py).
         self.ema = WeightEMA(self.optimizer.master_pieces(), par.ema_decay) if par.ema else None
+        # run.async_checkpoint: background writes plan over a gloo group of their own, so that their
+        # collectives never interleave with the training thread's on the same group. COLLECTIVE.
+        async_group = dist.new_group(backend="gloo") if config.run.async_checkpoint else None
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints,
                                            rank=self.rank, barrier=self.barrier,
-                                           process_group=self.runtime.object_group)
+                                           process_group=self.runtime.object_group, async_group=async_group)
+        self.pending_save = None  # the background save in flight (run.async_checkpoint), at most one
         self.metrics = self.log_file(JsonLines, "metrics.jsonl")
         self.expert_loads = self.log_file(JsonLines, "expert_load.jsonl")
         self.rank_metrics = self.log_file(JsonLines, "ranks.jsonl")  # per-rank memory, step time, comm waits
@@ -349,13 +353,45 @@ class Trainer:
         if not train_state.get("has_masters", False):
             self.optimizer.load_masters()
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the state after this step. With run.async_checkpoint the write runs in the background
+        (published later by `poll_save` or `publish_save`) unless `wait`; the previous one is published first."""
+        self.publish_save()
         step = self.state.step
         train_state = {**asdict(self.state), "has_optimizer": True, "has_masters": self.has_masters(),
                        "layout": self.layout(), "spike_history": self.detector.state()}
-        path = self.checkpoints.save(step, self.state_entries(), train_state,
-                                     before_publish=self.faults.checkpoint_hook(step))
-        self.events.event("checkpoint", step, path=str(path))
+        crash = self.faults.checkpoint_hook(step)
+        if not self.cfg.run.async_checkpoint:
+            path = self.checkpoints.save(step, self.state_entries(), train_state, before_publish=crash)
+            self.events.event("checkpoint", step, path=str(path))
+            return
+        self.pending_save = self.checkpoints.save_async(step, self.state_entries(), train_state, during_write=crash)
+        if wait:
+            self.publish_save()
+
+    def poll_save(self) -> None:
+        """At a step boundary: publish the background save once every rank's write has ended (a collective
+        verdict, as publishing is collective); otherwise train on."""
+        if self.pending_save is None:
+            return
+        done = torch.tensor([1 if self.pending_save.done() else 0], device=self.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            self.publish_save()
+
+    def publish_save(self) -> None:
+        """Wait for the background save in flight, if any, and publish it (a failed write: ConfigError)."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            path = self.checkpoints.publish(pending)
+            self.events.event("checkpoint", pending.step, path=str(path), published_at_step=self.state.step)
+
+    def abandon_save(self) -> None:
+        """The run failed: let the background write end (it uses the process group) without publishing it;
+        its temporary directory is removed when the run is resumed."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            pending.write.exception()  # waits; its error, if any, is not this run's failure
 
     # ----------------------------------------------------------------------------------------- set-up
     def save_every(self) -> int:
@@ -662,6 +698,7 @@ class Trainer:
         the next older tried), move the data cursor past the spike plus `rollback_skip_batches` batches, and
         save at once so a crash cannot replay the bad window."""
         cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
+        self.publish_save()  # a save in flight is one the rollback may choose, as a synchronous save would be
         self.barrier()  # every rank has decided on the same checkpoints before any reads them
         for target in reversed(self._before(spike_step)):
             try:
@@ -681,7 +718,7 @@ class Trainer:
                           skipped_sequences=cursor - restored.sequences, data_cursor=cursor)
         if self.sink is not None:
             self.sink.log_event("rollback", spike_step, f"restored {target}, data cursor {cursor}")
-        self.save()
+        self.save(wait=True)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -709,6 +746,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if getattr(self, "pending_save", None) is not None:
+                self.abandon_save()
             if hasattr(self, "run_lock"):
                 self.run_lock.release()  # whatever ended the run, another trainer may now take run.dir
             if self.runtime.owns_group and dist.is_initialized():
@@ -750,6 +789,7 @@ class Trainer:
             step = self.state.step
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
                 record["val_loss"] = self.validate()
+            self.poll_save()  # run.async_checkpoint: publish a background save whose write has ended
             # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
             saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
             if saved:
@@ -820,6 +860,7 @@ class Trainer:
             figure.clf()
 
     def finish(self) -> None:
+        self.publish_save()  # nothing in flight is lost at the end of a run, a preemption or a divergence
         if self.ema is not None:
             self.ema.close()
         self.run_lock.release()
