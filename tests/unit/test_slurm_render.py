@@ -9,7 +9,7 @@ import pytest
 from moetron.config import ConfigError
 from moetron.slurm import load, render, trainer_overrides
 
-LOCAL = ["cluster=local", "parallel.dp=4", "parallel.ep=2"]
+LOCAL = ["cluster=local", "parallel.dp=4", "parallel.ep=2", "train.micro_batch_size=2"]  # 2 x dp 4 = ramp start 8
 
 
 def rendered(overrides, launcher=None):
@@ -24,14 +24,14 @@ def test_per_rank_template_from_the_local_cluster():
                  "#SBATCH --output=slurm-logs/%x-%j.out", "export OMP_NUM_THREADS=1",
                  'scontrol requeue "$SLURM_JOB_ID"', "trap 'forward_stop USR1' USR1"):
         assert line in text, line
-    assert "-m moetron.launch moetron.train parallel.dp=4 parallel.ep=2 'run.dir=runs/a b' train.steps=7 &" in text
+    assert "-m moetron.launch moetron.train parallel.dp=4 parallel.ep=2 train.micro_batch_size=2 'run.dir=runs/a b' train.steps=7 &" in text
     assert "cluster" not in text.split("-m moetron.launch moetron.train", 1)[1].split("&")[0]
     assert 'rank-%t.out' in text and "CUDA_DEVICE_MAX_CONNECTIONS" not in text  # nccl: false on the CPU cluster
 
 
 def test_torchrun_template_for_a_gpu_cluster():
     overrides = ["cluster=gpu", "cluster.nodes=2", "cluster.account=proj", "parallel.pp=2", "parallel.dp=8",
-                 "parallel.ep=8", "model.n_group=2"]
+                 "parallel.ep=8", "model.n_group=2", "train=v3"]
     text = rendered(overrides)
     for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --account=proj",
                  "#SBATCH --cpus-per-task=64", "#SBATCH --exclusive", "--nproc-per-node=8", "--rdzv-backend=c10d",
@@ -95,11 +95,13 @@ def test_cli_render_writes_the_script(tmp_path):
 
 
 def test_config_groups_reach_the_job_and_the_trainers_schema_is_untouched():
-    config = load(["cluster=local", "parallel=cpu_2x2"])
+    overrides = ["cluster=local", "parallel=cpu_2x2", "train.micro_batch_size=4"]
+    config = load(overrides)
     assert (config.parallel.pp, config.parallel.dp, config.parallel.ep) == (2, 2, 2)
     assert config.model.hidden_size == 128 and config.cluster.nodes == 2  # model=tiny and cluster=local applied
-    text = render(config, ["cluster=local", "parallel=cpu_2x2"])
-    assert "EP groups span 2 node(s)" in text and "-m moetron.launch moetron.train parallel=cpu_2x2 &" in text
+    text = render(config, overrides)
+    assert "EP groups span 2 node(s)" in text
+    assert "-m moetron.launch moetron.train parallel=cpu_2x2 train.micro_batch_size=4 &" in text
 
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf

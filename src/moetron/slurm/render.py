@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from moetron.config.cluster import ClusterConfig, SlurmJobConfig, validate_cluster
 from moetron.config.errors import ConfigError
+from moetron.config.layout import check_layout
 
 TEMPLATES = {"srun": "srun.sbatch", "torchrun": "torchrun.sbatch"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -43,11 +44,9 @@ def load(overrides: list[str]) -> SlurmJobConfig:
     return config
 
 
-def check_layout(config: SlurmJobConfig) -> dict:
+def check_cluster_layout(config: SlurmJobConfig) -> dict:
     """Does the parallel layout fit the cluster? Returns a summary; raises ConfigError naming the fields."""
-    from moetron.parallel.mesh import MeshLayout
-
-    c, p, m = config.cluster, config.parallel, config.model
+    c, p = config.cluster, config.parallel
     rpn = c.rpn
     world = p.pp * p.dp * p.tp
     if c.nodes * rpn != world:
@@ -67,23 +66,10 @@ def check_layout(config: SlurmJobConfig) -> dict:
             f"Invalid value for `parallel.ranks_per_node`: {p.ranks_per_node}. The cluster runs {rpn} ranks per "
             f"node ({'cluster.ranks_per_node' if c.ranks_per_node else 'cluster.gpus_per_node'}). Valid: 0 (taken "
             f"from the launcher) or {rpn}.")
-    order = {}
-    if getattr(p, "rank_order", None) and "order" in MeshLayout.__dataclass_fields__:
-        order["order"] = p.rank_order  # which ranks are neighbours decides which groups span nodes
-    # The same checks the trainer's process mesh makes: EP groups must cover their nodes evenly.
-    layout = MeshLayout(world_size=world, ranks_per_node=rpn, pp=p.pp, ep=p.ep, tp=p.tp, **order)
-    layout.check_experts(m.n_routed_experts)
-    ep_nodes = max(len({r // rpn for r in ranks}) for ranks in layout.ep_groups())
-    if m.n_group > 1 and ep_nodes > 1 and m.n_group % ep_nodes:
-        raise ConfigError(
-            f"Invalid value for `model.n_group`: {m.n_group}. Each EP group (parallel.ep = {p.ep}) spans {ep_nodes} "
-            f"nodes ({rpn} ranks per node), and node-limited routing needs every expert group inside one node "
-            f"(groups = nodes). Valid: model.n_group = 1 or a multiple of {ep_nodes}, or a parallel.ep that "
-            f"spans a divisor of {m.n_group} nodes.")
-    if m.n_group > 1 and m.topk_group > m.n_group:  # also checked by the model; kept for a complete message
-        raise ConfigError(f"Invalid value for `model.topk_group`: {m.topk_group}. Valid: 1..model.n_group ({m.n_group}).")
-    return dict(world_size=world, nodes=c.nodes, ranks_per_node=rpn, pp=p.pp, dp=p.dp, ep=p.ep, tp=p.tp,
-                ep_nodes=ep_nodes, n_group=m.n_group, topk_group=m.topk_group)
+    # What the trainer checks at start-up (config/layout.py), for the world this allocation launches.
+    checked = check_layout(config, world, rpn, f"the allocation runs {c.nodes * rpn} ranks")
+    m = config.model
+    return dict(checked.summary(), nodes=c.nodes, n_group=m.n_group, topk_group=m.topk_group)
 
 
 def trainer_overrides(overrides: list[str]) -> list[str]:
@@ -123,7 +109,7 @@ def _environment(c: ClusterConfig) -> list[str]:
 def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = None) -> str:
     """The sbatch script (text). `overrides` are the command line's; the trainer gets all but cluster.*."""
     validate_cluster(config.cluster)  # also when called without load(): nothing unchecked reaches the script
-    layout = check_layout(config)
+    layout = check_cluster_layout(config)
     c = config.cluster
     launcher = launcher or c.launcher
     if launcher not in TEMPLATES:
