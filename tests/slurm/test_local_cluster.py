@@ -61,7 +61,7 @@ def test_a_failed_preflight_stops_the_job_before_training(slurm, tmp_path, launc
     assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("1:"), (info, batch_log)
     assert re.search(r"moetron preflight: failed on 4 of 4 ranks, nothing was trained\. rank 0 \(node[12], local "
                      r"rank 0\): free disk at run\.dir runs/default is [0-9.]+ GB, below the minimum", batch_log), batch_log
-    assert "preflight failed (exit 1), not training" in batch_log and "job step exited" not in batch_log
+    assert "moetron: preflight failed (step exit" in batch_log and "job step exited" not in batch_log
     assert not (tmp_path / "runs" / "default" / "metrics.jsonl").exists()
 
 

@@ -32,6 +32,7 @@ from moetron.config.errors import ConfigError
 from moetron.launch.bootstrap import LAUNCHERS, RankInfo, detect, export_env, init_process_group
 
 GB = 1e9
+MAX_RANK_ROWS = 32  # larger jobs: the first ranks in the table, every rank in preflight.json
 
 
 @dataclass
@@ -187,8 +188,13 @@ def _table(facts: list[dict], rows: list[dict], info: RankInfo) -> str:
     lines = [f"moetron preflight: {info.world_size} ranks on {info.num_nodes} node(s), {info.ranks_per_node} per "
              f"node; moetron {v['moetron']} tree {v['tree']} commit {v['commit']}, torch {v['torch']}",
              f"  {'rank':>5}  {'node':<16} {'local':>5}  {'free GB':>8}  device"]
+    shown = facts if len(facts) <= MAX_RANK_ROWS else facts[:MAX_RANK_ROWS // 2]
     lines += [f"  {f['rank']:>5}  {f['node']:<16} {f['local_rank']:>5}  {f['free_gb'] if f['free_gb'] is not None else '-':>8}"
-              f"  {f['device']}" for f in facts]
+              f"  {f['device']}" for f in shown]
+    if len(shown) < len(facts):
+        least = min((f for f in facts if f["free_gb"] is not None), key=lambda f: f["free_gb"], default=None)
+        lines.append(f"  ... {len(facts) - len(shown)} more ranks in preflight.json" + (
+            f"; least free disk: {least['free_gb']} GB on rank {least['rank']} ({least['node']})" if least else ""))
     if rows:
         lines.append(f"  {'collective':<11} {'scope':<14} {'groups':>6} {'ranks':>5} {'MB':>8} {'ms (max)':>9}  "
                      "bus GB/s min / median / max  (slowest group)")
@@ -262,6 +268,8 @@ def run(opts: Options, info: RankInfo, version: Callable[[], dict] = code_versio
                 Path(opts.run_dir, "preflight.json").write_text(json.dumps(report, indent=1) + "\n")
             except OSError:
                 pass  # an unwritable run.dir is already in the verdict
+        # Nobody exits before rank 0 has reported: srun --kill-on-bad-exit ends the step at the first exit 1.
+        dist.barrier()
         return 1 if verdict else 0
     finally:
         if owns_group:
