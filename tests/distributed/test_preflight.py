@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from moetron.parallel.local import run_local
+from moetron.parallel.local import free_port, run_local
 
 from moetron.launch.bootstrap import RankInfo
 from moetron.launch.preflight import Options, code_version, run
@@ -69,3 +72,16 @@ def test_too_little_disk_fails_on_every_rank(tmp_path):
     report = json.loads((tmp_path / "preflight.json").read_text())
     assert sorted(report["failures"]) == ["0", "1", "2", "3"]
     assert "free disk at run.dir" in report["message"] and "cluster.preflight_min_free_gb" in report["message"]
+
+
+def test_cli_alone_and_with_a_bad_option(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(MOETRON_LAUNCHER="single", MASTER_PORT=str(free_port()))
+    ok = subprocess.run([sys.executable, "-m", "moetron.launch.preflight", f"--run-dir={tmp_path}", "--device=cpu",
+                         "--min-free-gb=0"], env=env, capture_output=True, text=True, timeout=180)
+    assert ok.returncode == 0, ok.stderr
+    assert "moetron preflight: 1 ranks on 1 node(s)" in ok.stdout and ok.stdout.endswith("every check passed\n")
+    assert json.loads((tmp_path / "preflight.json").read_text())["ok"]
+    bad = subprocess.run([sys.executable, "-m", "moetron.launch.preflight", "--mb=0"], env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert bad.returncode == 2 and "--mb 0.0" in bad.stderr and "Traceback" not in bad.stderr
