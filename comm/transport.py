@@ -11,7 +11,9 @@ dispatchers (one per model replica), so that these can be switched on per model,
 - the running overlapped pair (comm/overlap.py): before the consumer of a transfer waits for it, the
   other chunk of the pair enqueues its work (`Pending.wait`);
 - a recorder (comm/recorder.py) of when each collective was issued and waited for, and a stream recorder
-  (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams.
+  (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams;
+- a wait clock: any object whose `measure()` context manager times each wait on a collective (a training
+  loop's count of the time blocked on expert-parallel communication).
 
 A *transfer* is what a consumer waits for: one dispatch, combine, or the backward of one, with all its
 hops and count exchanges (one communication kernel on a GPU, as DeepEP's). `open_transfer` starts one,
@@ -45,11 +47,13 @@ from .stream_model import StreamRecorder
 class Transport:
     """Where the collectives of moetron.comm are issued. `link` (a LinkModel), `recorder` (a Recorder) and
     `streams` (a StreamRecorder) may be set or cleared at any time; `pair` is set by comm/overlap.py while an
-    overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs)."""
+    overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs); `wait_clock` (an object
+    with a `measure()` context manager) times every wait on a collective."""
 
     def __init__(self, link: LinkModel | None = None, recorder: Recorder | None = None,
                  streams: StreamRecorder | None = None):
         self.link, self.recorder, self.streams = link, recorder, streams
+        self.wait_clock = None
         self.twins: dict = {}  # process group -> its twin, for the transfers of backward passes
         self.pair = None  # the running overlapped pair (comm/overlap.py)
         self.current: int | None = None  # the stream recorder's transfer whose collectives are being issued
@@ -169,10 +173,11 @@ class Handle:
     def wait(self) -> bool:
         transport = self.transport
         t0 = time.perf_counter()
-        if self.deadline is not None and transport.link is not None:
-            transport.link.delay(self.work, self.deadline).wait()
-        else:
-            self.work.wait()
+        with transport.wait_clock.measure() if transport.wait_clock is not None else contextlib.nullcontext():
+            if self.deadline is not None and transport.link is not None:
+                transport.link.delay(self.work, self.deadline).wait()
+            else:
+                self.work.wait()
         t1 = time.perf_counter()
         if transport.recorder is not None:
             transport.recorder.add(Span(current_rank(), self.role, "comm", self.issued, t1, self.what))

@@ -14,6 +14,8 @@ One loop for every layout (nanoGPT's habit; one process is the smallest layout, 
   grad norm counts each element once (its shard); the step is judged (NaN/Inf, loss and grad-norm spikes)
   and applied (shard update, all-gather), skipped or rolled back; the aux-loss-free bias update follows;
 - checkpoints in the one format of every layout (checkpoint/state.py), so any run resumes in any layout;
+- the step's phases and its waits on EP and DP communication are timed (train/timing.py) and gathered from
+  every rank with the memory peaks (train/perf.py);
 - rank 0 alone writes metrics, events and the progress bar.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import signal
 import threading
 import time
@@ -42,18 +43,19 @@ from moetron.config.hydra import to_yaml
 from moetron.config.layout import check_layout, config_fields
 from moetron.data import build_data
 from moetron.model import DeepSeekV3, max_violation
-from moetron.model.flops import training_flops_per_token
+from moetron.model.flops import achieved_tflops_per_device, mfu_per_device, training_flops_per_token
 from moetron.model.moe import MoE
 from moetron.model.stages import stages_holding
 from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
 from moetron.parallel import PipelineExecutor, build_schedule
 from moetron.parallel.mesh import ProcessMesh
-from moetron.train import schedules
+from moetron.train import perf, schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
 from moetron.train.parallelize import materialize, parallelize
 from moetron.train.run_lock import RunDirLock
+from moetron.train.timing import PhaseClock, WaitClock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
@@ -174,6 +176,11 @@ class Trainer:
                                            process_group=self.runtime.object_group)
         self.metrics = self.log_file(JsonLines, "metrics.jsonl")
         self.expert_loads = self.log_file(JsonLines, "expert_load.jsonl")
+        self.rank_metrics = self.log_file(JsonLines, "ranks.jsonl")  # per-rank memory, step time, comm waits
+        # Where a step's time goes: its phases, and the waits on EP all-to-alls and DP (ZeRO) collectives.
+        self.phases = PhaseClock(self.device)
+        self.transport.wait_clock = WaitClock(self.device)
+        self.optimizer.comm_clock = WaitClock(self.device)
         self.events = self.log_file(EventLog, "events.jsonl")
         self.detector = SpikeDetector(config.monitor.spike)
         fired = {(e["step"], e["kind"]) for e in self.events.read() if e["event"] == "fault"}
@@ -375,6 +382,7 @@ class Trainer:
     def _truncate_logs(self, step: int) -> None:
         self.metrics.truncate_after(step)
         self.expert_loads.truncate_after(step)
+        self.rank_metrics.truncate_after(step)
 
     def _check_same_model(self) -> None:
         """Resuming with another model shape would fail deep inside the loader: say which field changed."""
@@ -530,24 +538,36 @@ class Trainer:
             self.stop_signal = "peer"
         return bool(flag.item())
 
-    def peak_memory(self) -> dict:
-        """The largest peak resident memory of any rank (MB), and on a GPU its peak allocated device memory."""
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                             dev.peak_memory_bytes(self.device) / 2**20], dtype=torch.float64, device=self.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        rss, device_mb = peak.tolist()
-        return {"peak_rss_mb": rss, **({"peak_device_mb": device_mb} if dev.is_gpu(self.device) else {})}
+    def comm_waits(self) -> tuple[float, float]:
+        """Seconds this rank was blocked on EP all-to-alls and on DP (ZeRO) collectives since the last call."""
+        return self.transport.wait_clock.take(), self.optimizer.comm_clock.take()
+
+    def step_performance(self, step: int, step_time: float, ep_wait: float, dp_wait: float) -> dict:
+        """Every rank's memory peaks, phase times and comm waits, gathered (COLLECTIVE: every rank, every
+        step); rank 0 writes the per-rank values to ranks.jsonl and returns the headline figures."""
+        row = perf.rank_row(self.device, step_time, self.phases.take(), ep_wait, dp_wait)
+        record, per_rank = perf.summarize(perf.gather_rows(row), dev.is_gpu(self.device))
+        self.rank_metrics.write({"step": step, **per_rank})
+        return record
 
     def train_step(self) -> dict:
+        """One step: the phases data, forward_backward (with the DP gradient reduction) and optimizer (the
+        norm, the verdict, the update and its all-gather, the bias update) are timed on self.phases."""
         train, state = self.cfg.train, self.state
         step = state.step + 1
         self.faults.crash(step)
-        batch_size = self.batch_size()
-        mtp_lambda = schedules.mtp_lambda(train, state.tokens)
-        batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
-        batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
-        sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
+        with self.phases.phase("data"):
+            batch_size = self.batch_size()
+            mtp_lambda = schedules.mtp_lambda(train, state.tokens)
+            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
+            batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
+        with self.phases.phase("forward_backward"):
+            sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
+        with self.phases.phase("optimizer"):
+            return self._update(step, batch_size, mtp_lambda, sums)
 
+    def _update(self, step: int, batch_size: int, mtp_lambda: float, sums: dict) -> dict:
+        train, state = self.cfg.train, self.state
         grad_norm = self.clip_gradients()
         bal_loss, loads = self.moe_statistics(batch_size // train.micro_batch_size)
         loss = sums["loss"] + bal_loss
@@ -576,7 +596,7 @@ class Trainer:
             "max_vio_layers": [round(max_violation(load), 4) for load in loads],
             "bias_absmax": biases.abs().max().item() if biases is not None else 0.0,
             "bias_std": biases.std().item() if biases is not None and biases.numel() > 1 else 0.0,
-            "action": action, **self.peak_memory(),
+            "action": action,
         }
         if action == "rollback":
             self.rollback(step, batch_size)
@@ -599,8 +619,9 @@ class Trainer:
             action = "skip"
         self.events.event(verdict.kind, step, loss=_finite_or_str(loss), grad_norm=_finite_or_str(grad_norm),
                           detail=verdict.detail, action=action)
-        if self.sink is not None:
-            self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
+        if self.sink is not None:  # a skipped step is also an events/skip point (the dashboard's Recovery panel)
+            self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}",
+                                also=("skip",) if action == "skip" else ())
         return action
 
     def _before(self, step: int) -> list[Path]:
@@ -684,6 +705,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True, desc="train")
         record, window_tokens, window_start = None, 0, time.perf_counter()
         while self.state.step < total:
+            self.phases.take(), self.comm_waits()  # nothing from before this step (validation, a rollback)
             step_start = time.perf_counter()
             record = self.train_step()
             loads = record.pop("_loads")
@@ -694,20 +716,25 @@ class Trainer:
                 bar.refresh()
                 continue
             step_time = time.perf_counter() - step_start
+            ep_wait, dp_wait = self.comm_waits()  # the step's own (validation's all-to-alls come next)
             window_tokens += record["batch_size"] * cfg.train.seq_len
             step = self.state.step
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
                 record["val_loss"] = self.validate()
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
+            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
+            if saved:
+                save_start = time.perf_counter()
+                with self.phases.phase("checkpoint"):
+                    self.save()
+                step_time += time.perf_counter() - save_start  # the step's time: train_step and its checkpoint
+            record |= self.step_performance(step, step_time, ep_wait, dp_wait)
             if step == 1 or step % cfg.run.log_every == 0 or step == total or "val_loss" in record:
-                self.log(record, window_tokens / (time.perf_counter() - window_start), step_time)
+                self.log(record, window_tokens / (time.perf_counter() - window_start))
                 window_tokens, window_start = 0, time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
-            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
-            if saved:
-                self.save()
             bar.update(1)
             if self.stop_requested():
                 return self.preempt(record, saved, bar)
@@ -719,7 +746,7 @@ class Trainer:
     def diverged(self, record: dict, bar):
         """Stop: nothing finite is left to train on. The checkpoints (all finite) stay as they are."""
         bar.close()
-        self.log(record, 0.0, 0.0)
+        self.log(record, 0.0)
         self.events.event("diverged", self.state.step, nonfinite_steps=self.nonfinite_streak)
         self.finish()
         raise Diverged(f"{self.nonfinite_streak} consecutive steps (up to step {self.state.step}) had a NaN or Inf "
@@ -737,11 +764,15 @@ class Trainer:
         self.finish()
         return record | {"preempted": True}
 
-    def log(self, record: dict, tokens_per_s: float, step_time: float) -> None:
+    def log(self, record: dict, tokens_per_s: float) -> None:
+        """`tokens_per_s`: the global throughput (every replica) since the last log; per device it is the
+        world's share, and MFU is one device's share of the model FLOP/s over one device's peak."""
         record["tokens_per_s"] = tokens_per_s
-        record["step_time"] = step_time
+        record["tokens_per_s_per_device"] = tokens_per_s / self.world
+        record["tflops_per_device"] = achieved_tflops_per_device(tokens_per_s, self.flops_per_token, self.world)
         if self.cfg.monitor.peak_tflops > 0:
-            record["mfu"] = tokens_per_s * self.flops_per_token / (self.cfg.monitor.peak_tflops * 1e12)
+            record["mfu"] = mfu_per_device(tokens_per_s, self.flops_per_token, self.world,
+                                           self.cfg.monitor.peak_tflops)
         self.metrics.write({k: _round(v) for k, v in record.items()})
         if self.sink is not None:
             self.sink.log(record)
