@@ -26,7 +26,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,9 +38,9 @@ from moetron import device as dev
 from moetron.checkpoint import CheckpointStore
 from moetron.checkpoint.state import FlatChunk, expert_offsets, model_entries
 from moetron.comm import LinkModel, Transport
-from moetron.comm.errors import ParameterError
 from moetron.config import ConfigError, MoetronConfig, invalid
 from moetron.config.hydra import to_yaml
+from moetron.config.layout import check_layout, config_fields
 from moetron.data import build_data
 from moetron.model import DeepSeekV3, max_violation
 from moetron.model.flops import achieved_tflops_per_device, mfu_per_device, training_flops_per_token
@@ -50,7 +49,7 @@ from moetron.model.stages import stages_holding
 from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
 from moetron.parallel import PipelineExecutor, build_schedule
-from moetron.parallel.mesh import MeshLayout, ProcessMesh
+from moetron.parallel.mesh import ProcessMesh
 from moetron.train import perf, schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
@@ -59,24 +58,8 @@ from moetron.train.run_lock import RunDirLock
 from moetron.train.timing import PhaseClock, WaitClock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
-# The config field behind each parameter name moetron.parallel / moetron.comm / moetron.device report.
-CONFIG_FIELDS = {
-    "pp": "parallel.pp", "ep": "parallel.ep", "tp": "parallel.tp", "order": "parallel.rank_order",
-    "ranks_per_node": "parallel.ranks_per_node", "mode": "parallel.ep_dispatch",
-    "num_experts": "model.n_routed_experts", "world_size": "parallel.pp x parallel.dp x parallel.tp",
-}
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.param_dtype
-
-
-@contextmanager
-def config_fields():
-    """Show the libraries' parameter errors as errors of the config fields a user sets."""
-    try:
-        yield
-    except ParameterError as err:
-        field = CONFIG_FIELDS.get(err.param, err.param)
-        raise invalid(field, err.value, err.valid, err.detail) from err
 
 
 class Diverged(RuntimeError):
@@ -217,24 +200,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ layout
     def build_mesh(self, ranks_per_node: int) -> ProcessMesh:
-        cfg, par = self.cfg, self.cfg.parallel
-        if par.tp != 1:
-            raise invalid("parallel.tp", par.tp, "1", "The trainer has no tensor parallelism (the DeepSeek-V3 "
-                          "layout uses none).")
-        if par.world_size != self.world:
-            launch = ("this is one process; launch them with torchrun --nproc-per-node" if self.world == 1
-                      else f"{self.world} processes were launched (WORLD_SIZE)")
-            raise invalid("parallel.pp x parallel.dp x parallel.tp", f"{par.pp} x {par.dp} x {par.tp} = {par.world_size}",
-                          f"a layout whose product is {self.world} (parallel=single for one process), or "
-                          f"{par.world_size} processes", f"The layout needs {par.world_size} ranks, but {launch}.")
-        if cfg.train.micro_batch_size * par.dp > cfg.train.batch_ramp_start:
-            raise invalid("train.micro_batch_size", cfg.train.micro_batch_size,
-                          f"at most train.batch_ramp_start / parallel.dp = {cfg.train.batch_ramp_start // par.dp}",
-                          "Every data-parallel replica needs whole micro-batches.")
+        # The same check as `moetron.slurm render` and `moetron.plan` (config/layout.py), against the launch.
+        launch = ("this is one process; launch them with torchrun --nproc-per-node" if self.world == 1
+                  else f"{self.world} processes were launched (WORLD_SIZE)")
+        layout = check_layout(self.cfg, self.world, ranks_per_node, launch)
         with config_fields():
-            layout = MeshLayout(self.world, ranks_per_node, pp=par.pp, ep=par.ep, tp=1, order=par.rank_order)
-            layout.check_experts(cfg.model.n_routed_experts)
-            mesh = ProcessMesh(layout)
+            mesh = ProcessMesh(layout.mesh)
         self.pp_index, self.dp_index = mesh.coords["pp"], mesh.coords["dp"]
         return mesh
 
