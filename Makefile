@@ -54,6 +54,7 @@ bench:
 	$(PY) benchmarks/plan_vs_report.py
 	$(PY) benchmarks/plan_vs_measured.py --steps 12 --layout both
 	OMP_NUM_THREADS=1 $(PY) benchmarks/data_loader.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/checkpoint.py
 
 # A real two-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing), the Slurm
 # tests on it (opt-in: `make test` skips them), then the cluster is stopped whatever the result.

@@ -12,6 +12,8 @@ dispatchers (one per model replica), so that these can be switched on per model,
   other chunk of the pair enqueues its work (`Pending.wait`);
 - a recorder (comm/recorder.py) of when each collective was issued and waited for, and a stream recorder
   (comm/stream_model.py) of the order in which transfers and their waits reach a GPU's streams;
+- a wait clock: any object whose `measure()` context manager times each wait on a collective (a training
+  loop's count of the time blocked on expert-parallel communication);
 - a flight recorder (comm/recorder.py) of the rank's recent collectives, for a hang watchdog.
 
 A *transfer* is what a consumer waits for: one dispatch, combine, or the backward of one, with all its
@@ -46,11 +48,13 @@ from .stream_model import StreamRecorder
 class Transport:
     """Where the collectives of moetron.comm are issued. `link` (a LinkModel), `recorder` (a Recorder) and
     `streams` (a StreamRecorder) may be set or cleared at any time; `pair` is set by comm/overlap.py while an
-    overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs)."""
+    overlapped F&B pair runs (it has `hand_over()` and `turn`, the side that runs); `wait_clock` (an object
+    with a `measure()` context manager) times every wait on a collective."""
 
     def __init__(self, link: LinkModel | None = None, recorder: Recorder | None = None,
                  streams: StreamRecorder | None = None, flight: FlightRecorder | None = None):
         self.link, self.recorder, self.streams, self.flight = link, recorder, streams, flight
+        self.wait_clock = None
         self.twins: dict = {}  # process group -> its twin, for the transfers of backward passes
         self.pair = None  # the running overlapped pair (comm/overlap.py)
         self.current: int | None = None  # the stream recorder's transfer whose collectives are being issued
@@ -178,10 +182,11 @@ class Handle:
         t0 = time.perf_counter()
         if self.flight is not None:
             self.flights.wait(self.flight)
-        if self.deadline is not None and transport.link is not None:
-            transport.link.delay(self.work, self.deadline).wait()
-        else:
-            self.work.wait()
+        with transport.wait_clock.measure() if transport.wait_clock is not None else contextlib.nullcontext():
+            if self.deadline is not None and transport.link is not None:
+                transport.link.delay(self.work, self.deadline).wait()
+            else:
+                self.work.wait()
         t1 = time.perf_counter()
         if self.flight is not None:
             self.flights.done(self.flight)

@@ -49,3 +49,35 @@ def write_corpus(directory) -> dict[str, str]:
                 f.write(json.dumps({"text": text}) + "\n")
         paths[split] = str(path)
     return paths
+
+
+PHASE_KEYS = ("time_data", "time_forward_backward", "time_optimizer", "time_checkpoint")
+
+
+def assert_step_metrics(run_dir, world: int) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl and ranks.jsonl of a finished run hold the performance figures, with sane values: the
+    phases of a step sum to at most its time, shares lie in [0, 1], per-device throughput is the world's
+    share, and ranks.jsonl has one value per rank. Returns both files' records."""
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    ranks = [json.loads(line) for line in open(run_dir / "ranks.jsonl")]
+    assert [r["step"] for r in ranks] == [m["step"] for m in metrics]
+    for m in metrics:
+        assert m["step_time"] > 0 and all(m[k] >= 0 for k in PHASE_KEYS), m
+        assert sum(m[k] for k in PHASE_KEYS) <= m["step_time"] * (1 + 1e-4), m  # rounding to 6 digits
+        assert m["time_forward_backward"] > 0, m
+        assert 0 <= m["ep_wait_share"] <= 1 and 0 <= m["dp_wait_share"] <= 1, m
+        assert m["tokens_per_s_per_device"] == _approx(m["tokens_per_s"] / world), m
+        assert m["peak_rss_mb"] > 0
+    for r in ranks:
+        assert all(len(r[k]) == world for k in ("step_time", "ep_wait_share", "dp_wait_share", "peak_rss_mb")), r
+        assert all(0 <= v <= 1 for k in ("ep_wait_share", "dp_wait_share") for v in r[k]), r
+    last = metrics[-1]
+    assert last["time_checkpoint"] > 0  # the final step saves
+    assert last["peak_rss_mb"] == _approx(max(ranks[-1]["peak_rss_mb"]))
+    return metrics, ranks
+
+
+def _approx(value: float):
+    import pytest
+
+    return pytest.approx(value, rel=1e-5)

@@ -122,6 +122,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if is_gpu(device) else 0
 
 
+def reserved_memory_bytes(device: torch.device) -> int:
+    """Bytes the caching allocator holds on the device (what the driver sees as used); 0 on the CPU."""
+    return torch.cuda.memory_reserved(device) if is_gpu(device) else 0
+
+
+def timing_event(device: torch.device):
+    """A timing event recorded now on the device's current stream (a GPU's time is the stream's, not the
+    host's); None on the CPU, where the host's clock is the time."""
+    if not is_gpu(device):
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def elapsed_seconds(start, end) -> float:
+    """Seconds between two timing events (waits for the later one to complete)."""
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timing on a GPU); nothing to wait for on the CPU."""
     if is_gpu(device):

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import small_model_config
+from helpers import assert_step_metrics, small_model_config
 from moetron.parallel.local import run_local
 
 from moetron.config import DataConfig, MoetronConfig, MonitorConfig, ParallelConfig, RunConfig, TrainConfig
@@ -84,6 +84,10 @@ def test_distributed_losses_match_single_process(corpus, tmp_path, reference, pa
     got = metrics(tmp_path / "dist")
     assert_close(got, reference)
     assert got[-1]["loss"] < got[0]["loss"]
+    _, ranks = assert_step_metrics(tmp_path / "dist", world=4)
+    # Every rank waits on its EP all-to-alls and on its ZeRO reduce-scatter / all-gather at some step.
+    for key in ("ep_wait_share", "dp_wait_share"):
+        assert all(any(r[key][rank] > 0 for r in ranks) for rank in range(4)), (key, ranks)
     if parallel.ema:  # the EMA of every weight is in the checkpoint, one copy per key
         import torch.distributed.checkpoint as dcp
 

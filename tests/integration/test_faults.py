@@ -134,7 +134,13 @@ def test_offline_wandb_run_holds_metrics_and_spike_events(corpus, tmp_path):
     assert losses.keys() == logged.keys(), wandb_diagnostics(tmp_path / "run", run)
     assert all(abs(losses[s] - logged[s]) <= 1e-5 * abs(logged[s]) for s in logged)
     assert any(row.get("events/loss_spike") == 1 and row["trainer/step"] == 9 for row in run.history)
+    assert any(row.get("events/skip") == 1 and row["trainer/step"] == 9 for row in run.history)  # policy skip
     assert any("loss_spike at step 9" in alert["title"] for alert in run.alerts)
+    last = max((row for row in run.history if "perf/tokens_per_s_per_device" in row), key=lambda r: r["trainer/step"])
+    for key in ("perf/tflops_per_device", "time/time_forward_backward", "time/time_checkpoint",
+                "comm/ep_wait_share", "comm/dp_wait_share", "memory/peak_rss_mb"):
+        assert key in last, key
+    assert abs(last["perf/tokens_per_s_per_device"] / metrics(tmp_path / "run")[-1]["tokens_per_s_per_device"] - 1) < 1e-5
     assert any(row.get("balance/expert_load_heatmap/_type") == "image-file" for row in run.history)
     assert (tmp_path / "run" / "report.png").exists()
 

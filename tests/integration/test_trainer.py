@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import small_model_config
+from helpers import assert_step_metrics, small_model_config
 
 from moetron.config import ConfigError, DataConfig, MoetronConfig, MonitorConfig, RunConfig, TrainConfig
 from moetron.train.trainer import Trainer
@@ -51,6 +51,7 @@ def test_loss_falls_and_run_dir_has_the_contracted_files(corpus, tmp_path):
     events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "events.jsonl")]
     assert events[0] == "start" and events[-1] == "finish" and events.count("checkpoint") == 4
     assert (tmp_path / "run" / "config.yaml").exists()
+    assert_step_metrics(tmp_path / "run", world=1)  # tokens/s and MFU per device, phases, waits, memory
 
 
 def test_bias_moves_toward_balance(corpus, tmp_path):

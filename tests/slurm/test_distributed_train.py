@@ -37,6 +37,8 @@ def test_two_nodes_by_two_ranks_training_and_mpiexec_agree(slurm, tmp_path, corp
     assert f"job {job} restart 0 on node[1-2]" in batch_log
     assert sorted(p.name for p in logs.glob("rank-*.out")) == [f"rank-{r}.out" for r in range(4)]
     assert f"done: step {STEPS}" in (logs / "rank-0.out").read_text()
+    preflight = json.loads((tmp_path / "slurm-run" / "preflight.json").read_text())  # the job's first step
+    assert preflight["ok"] and [r["node"] for r in preflight["ranks"]] == ["node1", "node1", "node2", "node2"]
     on_slurm = losses(tmp_path / "slurm-run")
     assert max(on_slurm) == STEPS and on_slurm[STEPS] < 0.6 * on_slurm[1], on_slurm  # the loss falls
 

@@ -20,7 +20,7 @@ def probe_reports(text: str) -> list[dict]:
 
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_two_nodes_by_two_ranks_probe(slurm, tmp_path, launcher):
-    job = slurm.submit(tmp_path, "parallel.dp=4", "cluster.module=moetron.launch.probe",
+    job = slurm.submit(tmp_path, "parallel.dp=4", "train.micro_batch_size=1", "cluster.module=moetron.launch.probe",
                        f"cluster.job_name=probe-{launcher}", launcher=launcher)
     info = slurm.wait(job, timeout=240)
     logs = tmp_path / "slurm-logs" / job / "restart-0"
@@ -41,6 +41,28 @@ def test_two_nodes_by_two_ranks_probe(slurm, tmp_path, launcher):
         assert r["nodes_seen"] == ["node1", "node2"] and r["allreduce"] == 10.0
     if launcher == "srun":
         assert sorted(p.name for p in logs.glob("rank-*.out")) == [f"rank-{i}.out" for i in range(4)]
+    # The preflight ran first, on both nodes: its table in the batch log, its report in run.dir.
+    assert "moetron preflight: 4 ranks on 2 node(s), 2 per node" in batch_log
+    assert "moetron preflight: ok, every check passed" in batch_log
+    assert batch_log.index("every check passed") < batch_log.index("job step exited")
+    report = json.loads((tmp_path / "runs" / "default" / "preflight.json").read_text())
+    assert report["ok"] and sorted(r["node"] for r in report["ranks"]) == ["node1", "node1", "node2", "node2"]
+    scopes = {(r["op"], r["scope"]) for r in report["collectives"]}
+    assert scopes == {(op, s) for op in ("all_reduce", "all_to_all") for s in ("within a node", "across nodes", "whole job")}
+    assert all(r["busbw_gbs"] > 0 for r in report["collectives"])
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_a_failed_preflight_stops_the_job_before_training(slurm, tmp_path, launcher):
+    job = slurm.submit(tmp_path, "parallel.dp=4", "train.micro_batch_size=1", "cluster.preflight_min_free_gb=1e9",
+                       f"cluster.job_name=nodisk-{launcher}", launcher=launcher)
+    info = slurm.wait(job, timeout=240)
+    batch_log = (tmp_path / "slurm-logs" / f"nodisk-{launcher}-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("1:"), (info, batch_log)
+    assert re.search(r"moetron preflight: failed on 4 of 4 ranks, nothing was trained\. rank 0 \(node[12], local "
+                     r"rank 0\): free disk at run\.dir runs/default is [0-9.]+ GB, below the minimum", batch_log), batch_log
+    assert "moetron: preflight failed (step exit" in batch_log and "job step exited" not in batch_log
+    assert not (tmp_path / "runs" / "default" / "metrics.jsonl").exists()
 
 
 def test_usr1_requeues_and_the_job_resumes_exactly(slurm, tmp_path, corpus):

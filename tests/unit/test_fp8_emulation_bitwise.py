@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import small_model_config
 
-from moetron.fp8 import grouped, linear, quant
+from moetron.fp8 import grouped, linear, quant, weight_cache
 from moetron.fp8.gemm import fp8_gemm
 from moetron.model import DeepSeekV3
 from moetron.train.parallelize import apply_fp8
@@ -81,11 +81,12 @@ def reference_emulation(monkeypatch):
     """Runs the FP8 Functions on the reference quantizers and GEMM."""
 
     def use():
-        for module in (linear, grouped):
+        for module in (linear, grouped, weight_cache):
             for name in (*QUANTIZERS, "quantize_128x1_grouped"):
                 if hasattr(module, name):
                     monkeypatch.setattr(module, name, getattr(ref, name))
-            monkeypatch.setattr(module, "gemm_kernel", lambda backend, device: ref.fp8_gemm)
+            if hasattr(module, "gemm_kernel"):
+                monkeypatch.setattr(module, "gemm_kernel", lambda backend, device: ref.fp8_gemm)
 
     return use
 

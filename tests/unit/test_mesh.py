@@ -10,7 +10,7 @@ from moetron.comm.layout import EPGroup, local_size_of, node_slices
 from moetron.parallel.mesh import KINDS, MeshLayout
 
 from moetron.config.errors import ConfigError
-from moetron.train.trainer import config_fields
+from moetron.config.layout import config_fields
 
 
 def partitions_world(groups, world):

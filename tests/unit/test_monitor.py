@@ -82,7 +82,10 @@ def test_dashboard_panels_use_only_keys_the_trainer_logs():
     record = {"step": 1, "loss": 1.0, "lm_loss": 1.0, "mtp_loss": 0.1, "bal_loss": 0.0, "val_loss": 1.0,
               "grad_norm": 1.0, "lr": 1e-3, "batch_size": 8, "mtp_lambda": 0.3, "bias_update_rate": 1e-3,
               "tokens": 10, "tokens_per_s": 5.0, "step_time": 0.1, "mfu": 0.1, "max_vio": 0.2,
-              "bias_absmax": 0.0, "bias_std": 0.0, "max_vio_layers": [0.1, 0.2]}
+              "bias_absmax": 0.0, "bias_std": 0.0, "max_vio_layers": [0.1, 0.2], "tokens_per_s_per_device": 2.5,
+              "tflops_per_device": 1.0, "time_data": 0.01, "time_forward_backward": 0.05, "time_optimizer": 0.02,
+              "time_checkpoint": 0.0, "ep_wait_share": 0.1, "dp_wait_share": 0.1, "peak_rss_mb": 300.0,
+              "peak_device_allocated_mb": 100.0, "peak_device_reserved_mb": 120.0}
     logged = set(wandb_record(record))
     logged |= {f"events/{kind}" for kind in ("loss_spike", "grad_spike", "nonfinite", "skip", "rollback")}
     logged.add("balance/expert_load_heatmap")

@@ -188,7 +188,7 @@ def test_cli_prints_the_plan_and_fails_cleanly(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "FITS" in ok.stdout and "GPU-hours per trillion tokens" in ok.stdout
     assert png.exists() and (tmp_path / "p.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "moetron.plan", "parallel.ep=3", "parallel.dp=3"],
+    bad = subprocess.run([sys.executable, "-m", "moetron.plan", "parallel.ep=3", "parallel.dp=6"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "`parallel.ep`" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -7,7 +7,10 @@ Keys are independent of the layout (checkpoint/state.py): the full model's param
 global routed expert, optimizer state per parameter. So any layout reads any checkpoint: it asks for the
 keys of what it holds. Saving is collective over the ranks (`barrier`), rank 0 does the file-system steps:
 write under a temporary name, add `manifest.json` (size and SHA-256 of every file), then rename (a crash
-never leaves a half checkpoint), keep the newest `keep`. Loading checks the manifest first (rank 0, verdict
+never leaves a half checkpoint), keep the newest `keep`. `save_async` stages a host copy, lets DCP's async_save
+write it in a background thread over its own process group, and `publish` seals and renames it the same way once
+the write is done, so training runs on during the write and a crash before the publish keeps the previous
+checkpoint. Loading checks the manifest first (rank 0, verdict
 shared): a checkpoint with a flipped, truncated or missing file is named and moved aside as
 `step_N.corrupt`, so it is never loaded, never chosen by a rollback and not counted among the kept ones.
 DCP's `.metadata` is read without general unpickling (checkpoint/metadata.py).
@@ -21,18 +24,23 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from moetron.checkpoint.manifest import verify_manifest, write_manifest
 from moetron.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata
 from moetron.checkpoint.state import FlatChunk
 from moetron.config import ConfigError
+from moetron.device import HOST
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
@@ -47,18 +55,50 @@ class LoadedCheckpoint:
     skipped: list[str]  # newer checkpoints that could not be read, with the reason
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards a background thread is writing into `tmp`; `CheckpointStore.publish` makes
+    it a checkpoint. Nothing reads it before then: `complete()` lists published directories only."""
+
+    step: int
+    tmp: Path
+    write: Future  # DCP's write, then (rank 0) the counters and the manifest
+
+    def done(self) -> bool:
+        """This rank's write has ended (successfully or not); publishing is collective, see the trainer."""
+        return self.write.done()
+
+
+class _Staged(AsyncStager):
+    """The state is already a host copy (`_own`): DCP's async_save writes it as it is."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict, **kwargs):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _no_barrier() -> None:
     """One process: nothing to wait for."""
 
 
 class CheckpointStore:
     def __init__(self, root: str | Path, keep: int = 3, rank: int = 0, barrier: Callable[[], None] = _no_barrier,
-                 process_group=None):
+                 process_group=None, async_group=None):
         """rank / barrier / process_group: this process's rank, a barrier over every rank, and the (CPU)
-        group DCP plans over; the defaults are those of a single process."""
+        group DCP plans over; the defaults are those of a single process. async_group: a gloo group used by
+        background writes alone (their collectives must not interleave with the training thread's)."""
         self.root = Path(root)
         self.keep = keep
         self.rank, self.barrier, self.process_group = rank, barrier, process_group
+        self.async_group = async_group
+        self.writer = FileSystemWriter  # DCP's storage writer class (tests substitute slow or failing ones)
 
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -76,14 +116,81 @@ class CheckpointStore:
         `before_publish` runs when everything is written but not yet renamed (fault drills use it). A full
         disk or a read-only directory is a ConfigError naming the path and the free space; the temporary
         directory is removed and the published checkpoints stay as they were."""
-        final = self.path(step)
-        tmp = self.root / f".{final.name}.tmp-save"
+        tmp = self._temporary(step)
+        with self._cleanup_on_failure(tmp):
+            self._prepare(tmp)
+            with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save(_owned(state), storage_writer=self.writer(str(tmp)), process_group=self.process_group)
+            self._seal(tmp, train_state)
+        return self._publish(step, tmp, before_publish)
+
+    def save_async(self, step: int, state: dict[str, torch.Tensor], train_state: dict,
+                   during_write=None) -> PendingSave:
+        """Stage a host copy of `state` and start writing it in the background (every rank calls it);
+        returns at once. `during_write` runs in the writer thread once this rank's shards are on disk, before
+        DCP's index (fault drills use it). Call `publish` with the result: at most one save in flight."""
+        tmp = self._temporary(step)
+        with self._cleanup_on_failure(tmp):
+            self._prepare(tmp)
+            writer = self.writer(str(tmp))
+            if during_write is not None:
+                writer.write_data = _then(writer.write_data, during_write)
+            write = dcp.async_save(_owned(state), storage_writer=writer, async_stager=_Staged(),
+                                   process_group=self.async_group)
+        # The manifest hashes every file: that too happens off the training thread, in DCP's writer thread
+        # once its write is done (a callback, not another thread to start).
+        sealed: Future = Future()
+        write.add_done_callback(lambda done: self._seal_when_written(done, tmp, train_state, sealed))
+        return PendingSave(step, tmp, sealed)
+
+    def _seal_when_written(self, write: Future, tmp: Path, train_state: dict, sealed: Future) -> None:
         try:
-            self._write(tmp, state, train_state)
+            write.result()  # every rank's shards are on disk once DCP's write returns
+            self._seal(tmp, train_state)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            sealed.set_exception(err)
+        else:
+            sealed.set_result(None)
+
+    def publish(self, pending: PendingSave) -> Path:
+        """Wait for the background write of `pending`, then publish it as `save` does (collective). A failed
+        write is the ConfigError `save` raises; the published checkpoints stay as they were."""
+        with self._cleanup_on_failure(pending.tmp):
+            pending.write.result()
+        return self._publish(pending.step, pending.tmp)
+
+    def _temporary(self, step: int) -> Path:
+        return self.root / f".{self.path(step).name}.tmp-save"
+
+    @contextmanager
+    def _cleanup_on_failure(self, tmp: Path):
+        """A write that fails (full disk, read-only directory) removes its temporary directory and becomes a
+        ConfigError naming the path and the free space."""
+        try:
+            yield
         except (OSError, CheckpointException) as err:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError(self._cannot_write(tmp, err)) from err
+
+    def _prepare(self, tmp: Path) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+
+    def _seal(self, tmp: Path, train_state: dict) -> None:
+        """Rank 0, once every rank's shards are written (DCP has returned): the counters, then the manifest."""
+        if self.rank == 0:
+            with open(tmp / TRAIN_STATE, "w") as f:
+                json.dump(train_state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            write_manifest(tmp)
+
+    def _publish(self, step: int, tmp: Path, before_publish=None) -> Path:
+        final = self.path(step)
         if before_publish is not None:
             before_publish()
         self.barrier()
@@ -94,22 +201,6 @@ class CheckpointStore:
             self._prune()
         self.barrier()
         return final
-
-    def _write(self, tmp: Path, state: dict[str, torch.Tensor], train_state: dict) -> None:
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
-        owned = {key: _own(value) for key, value in state.items()}  # views of stacks: own storage
-        with warnings.catch_warnings():  # DCP warns when it runs without a process group: intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(owned, checkpoint_id=str(tmp), process_group=self.process_group)
-        if self.rank == 0:  # every rank's shards are written once dcp.save returns: seal them
-            with open(tmp / TRAIN_STATE, "w") as f:
-                json.dump(train_state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            write_manifest(tmp)
 
     def _cannot_write(self, tmp: Path, err: BaseException) -> str:
         try:
@@ -205,10 +296,25 @@ def _local(value) -> torch.Tensor:
 
 
 def _own(value):
-    """`value` with its own storage (a FlatChunk as DCP's 1-D chunk of its key)."""
+    """A host copy of `value` (a FlatChunk as DCP's 1-D chunk of its key): views of stacks get their own
+    storage, and training may change the live tensor while the copy is written."""
     if isinstance(value, FlatChunk):
-        return value.for_dcp(value.local.detach().clone())
-    return value.detach().clone()
+        return value.for_dcp(value.local.detach().to(HOST, copy=True))
+    return value.detach().to(HOST, copy=True)
+
+
+def _owned(state: dict) -> dict:
+    return {key: _own(value) for key, value in state.items()}
+
+
+def _then(write_data, hook):
+    """`write_data` of a DCP storage writer, followed by `hook` once the shards are written."""
+    def write_then_hook(plan, planner):
+        written = write_data(plan, planner)
+        written.wait()
+        hook()
+        return written
+    return write_then_hook
 
 
 def verify_shards(path: Path) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -17,10 +18,15 @@ _TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")
 # anything but a word: names, paths and sizes are letters, digits and _ . , : + = @ % / - only.
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:+=@%/-]*")
 _PLAIN_VALID = "letters, digits and _ . , : + = @ % / - (no spaces, quotes, control or shell characters)"
-_PLAIN_FIELDS = ("name", "partition", "account", "qos", "mem", "log_dir", "workdir", "python", "script")
+_PLAIN_FIELDS = ("name", "partition", "account", "qos", "mem", "log_dir", "workdir", "python", "script", "mpi",
+                 "mpi_library")
 # Extra sbatch options may also use Slurm's constraint operators (--constraint=[a100|h100]&ib).
 _SBATCH_OPTION = re.compile(r"-[A-Za-z0-9_.,:+=@%/|&\[\]*-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Container images name a registry with `#` (enroot: nvcr.io#nvidia/pytorch:25.01-py3); quoted in the script.
+_IMAGE = re.compile(r"[A-Za-z0-9_.,:+=@%/#-]*")
+_MOUNT = re.compile(r"[A-Za-z0-9_.:+=@%/-]+")  # SRC:DST[:FLAGS]; the list is joined with commas
+_NCCL_VALUE = re.compile(r"[A-Za-z0-9_.,:=^/-]*")  # NCCL_IB_HCA "=mlx5_0:1,mlx5_1:1", NCCL_SOCKET_IFNAME "^lo,docker"
 
 
 @dataclass
@@ -50,6 +56,24 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run first (module load, source venv, ...)
     sbatch_extra: list[str] = field(default_factory=list)  # extra sbatch options, e.g. "--exclusive"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
+    # Site conventions. Every srun step (preflight and training) gets these:
+    container_image: str = ""  # pyxis/enroot: srun --container-image (e.g. nvcr.io#nvidia/pytorch:25.01-py3)
+    container_mounts: list[str] = field(default_factory=list)  # srun --container-mounts, "SRC:DST[:ro]" each
+    srun_extra: list[str] = field(default_factory=list)  # extra srun options, e.g. "--cpu-bind=none"
+    mpi: str = ""  # srun --mpi=<plugin> (pmix, pmi2) for the site's MPI ("" : Slurm's default)
+    mpi_library: str = ""  # the site's libmpi.so for mpi4py (MPI4PY_LIBMPI) instead of the bundled mpich wheel
+    kill_on_bad_exit: bool = True  # srun --kill-on-bad-exit=1: one failed rank ends the step, not a hang
+    # NCCL / InfiniBand (with nccl: true). "" leaves NCCL's auto-detection.
+    nccl_ib_hca: str = ""  # NCCL_IB_HCA, e.g. "mlx5_0,mlx5_1" or "=mlx5_0:1"
+    nccl_socket_ifname: str = ""  # NCCL_SOCKET_IFNAME: the interface NCCL bootstraps on, e.g. "ib0" or "^lo,docker"
+    # The NCCL flight recorder: the last N collectives of each rank, dumped into <run.dir>/nccl_trace/ when a
+    # collective times out (TORCH_NCCL_TRACE_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT). 0: off.
+    nccl_trace_buffer: int = 2000
+    # The preflight (python -m moetron.launch.preflight), the first job step: devices, all-reduce and all-to-all
+    # within and across nodes, free disk at run.dir, one code version everywhere. A failed check ends the job.
+    preflight: bool = True
+    preflight_min_free_gb: float = 10.0  # free disk at run.dir below this fails the preflight
+    preflight_mb: float = 64.0  # message size of the timed collectives (MB per rank)
 
     @property
     def rpn(self) -> int:
@@ -96,8 +120,29 @@ def validate_cluster(c: ClusterConfig, prefix: str = "cluster") -> None:
         if _CONTROL.search(line):
             raise invalid(f"{prefix}.setup[{i}]", line, "one shell line without control characters; give "
                           "several lines as several list items")
-    for i, line in enumerate(c.sbatch_extra):
-        if not _SBATCH_OPTION.fullmatch(line):
-            raise invalid(f"{prefix}.sbatch_extra[{i}]", line, "one sbatch option such as '--exclusive' or "
-                          "'--constraint=a100|h100': letters, digits and _ . , : + = @ % / - | & [ ] *, no spaces, "
-                          "quotes, control or shell characters")
+    for name in ("sbatch_extra", "srun_extra"):
+        for i, line in enumerate(getattr(c, name)):
+            if not _SBATCH_OPTION.fullmatch(line):
+                raise invalid(f"{prefix}.{name}[{i}]", line, f"one {name.split('_')[0]} option such as '--exclusive' "
+                              "or '--constraint=a100|h100': letters, digits and _ . , : + = @ % / - | & [ ] *, no "
+                              "spaces, quotes, control or shell characters")
+    if not _IMAGE.fullmatch(c.container_image):
+        raise invalid(f"{prefix}.container_image", c.container_image, "an image such as nvcr.io#nvidia/pytorch:25.01-py3 "
+                      "or /shared/images/moetron.sqsh: letters, digits and _ . , : + = @ % / # -")
+    for i, mount in enumerate(c.container_mounts):
+        if not _MOUNT.fullmatch(mount):
+            raise invalid(f"{prefix}.container_mounts[{i}]", mount, "SRC:DST or SRC:DST:ro, letters, digits and "
+                          "_ . : + = @ % / - (one mount per item, no commas, spaces or shell characters)")
+    if c.container_mounts and not c.container_image:
+        raise invalid(f"{prefix}.container_mounts", c.container_mounts, "[] without cluster.container_image",
+                      "Mounts belong to a container.")
+    for name in ("nccl_ib_hca", "nccl_socket_ifname"):
+        if not _NCCL_VALUE.fullmatch(getattr(c, name)):
+            raise invalid(f"{prefix}.{name}", getattr(c, name), "an NCCL list such as mlx5_0,mlx5_1 or ^lo,docker: "
+                          "letters, digits and _ . , : = ^ / -")
+    if c.nccl_trace_buffer < 0:
+        raise invalid(f"{prefix}.nccl_trace_buffer", c.nccl_trace_buffer, "an integer >= 0 (0: no flight recorder)")
+    for name in ("preflight_min_free_gb", "preflight_mb"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise invalid(f"{prefix}.{name}", value, "a finite number >= 0")

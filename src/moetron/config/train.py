@@ -61,6 +61,9 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 0  # steps; 0 means every quarter of the run
     keep_checkpoints: int = 3
+    # Write checkpoints in the background (torch.distributed.checkpoint.async_save): the step stalls only for
+    # a host copy of the state; the checkpoint is published (manifest, atomic rename) once the write is done.
+    async_checkpoint: bool = False
     progress: bool = True  # a progress bar with loss, tok/s and ETA
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto (cuda:LOCAL_RANK with NCCL where CUDA is available, else cpu with gloo) | cpu | cuda

@@ -18,7 +18,10 @@ from moetron.fp8.quant import TILE, ceil_div, fp8_to_float
 def row_scales(b_scales: torch.Tensor, rows: int, block: bool) -> torch.Tensor:
     """Scales of b per row per 128 of K: 128x128 block scales [ceil(N/128), Kb] are repeated over the
     block's rows; 1x128 scales [N, Kb] already are per row."""
-    return b_scales.repeat_interleave(TILE, 0)[:rows] if block else b_scales
+    if not block:
+        return b_scales
+    blocks, kb = b_scales.shape  # each block row's scales repeated over its 128 rows (a broadcast, then one copy)
+    return b_scales.unsqueeze(1).expand(blocks, TILE, kb).reshape(blocks * TILE, kb)[:rows]
 
 
 def fp8_gemm(

@@ -25,14 +25,8 @@ from moetron.fp8.quant import (
     dequantize_1x128,
     quantize_1x128,
     quantize_128x1_grouped,
-    quantize_128x128,
 )
-
-
-def prepared(kernel: Kernel, data: torch.Tensor) -> torch.Tensor:
-    """An operand in the form `kernel` multiplies, converted once for all experts (kernel.prepare, if any)."""
-    prepare = getattr(kernel, "prepare", None)
-    return data if prepare is None else prepare(data)
+from moetron.fp8.weight_cache import QuantizedWeights, prepared, quantized_weight
 
 
 def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
@@ -62,9 +56,9 @@ def grouped_wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, splits: li
     return out
 
 
-def _dgrad(kernel, dy, weight, splits, p2, out_dtype):
+def _dgrad(kernel, dy, weight, splits, p2, out_dtype, weights):
     dy_q, dy_s = quantize_1x128(dy, p2)
-    wt_q, wt_s = quantize_128x128(weight.transpose(-2, -1), p2)  # fresh from the high-precision W^T
+    wt_q, wt_s = quantized_weight(weights, weight, kernel, p2, transposed=True)  # from the FP32 W^T
     return grouped_gemm(kernel, dy_q, dy_s, wt_q, wt_s, splits, out_dtype)
 
 
@@ -79,15 +73,16 @@ def _wgrad_q(kernel, dy_q, x_q, weight, splits):
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, counts, kernel, power_of_two, keep_for_wgrad):
+    def forward(ctx, x, weight, counts, kernel, power_of_two, keep_for_wgrad, weights):
         splits, out_dtype, x_dtype = counts.tolist(), compute_dtype(x), x.dtype
         x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, power_of_two)
-        w_q, w_s = quantize_128x128(weight, power_of_two)
+        w_q, w_s = quantized_weight(weights, weight, kernel, power_of_two)
         y = grouped_gemm(kernel, x_q, x_s, w_q, w_s, splits, out_dtype)
         saved = quantize_128x1_grouped(x, counts, power_of_two) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(*saved, weight, counts)
         ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, power_of_two, splits, x_dtype
+        ctx.weights = weights
         return y
 
     @staticmethod
@@ -95,15 +90,17 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         x_t, x_t_s, weight, counts = ctx.saved_tensors
         kernel, p2, splits = ctx.kernel, ctx.power_of_two, ctx.splits
         dy = dy.float()  # once, for both quantizations
-        dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype) if wanted(ctx, 0) else None
+        dx = _dgrad(kernel, dy, weight, splits, p2, ctx.x_dtype, ctx.weights) if wanted(ctx, 0) else None
         dw = _wgrad(kernel, dy, counts, x_t, x_t_s, weight, splits, p2) if wanted(ctx, 1) else None
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
-def fp8_grouped_linear(x, weight, counts, *, kernel: Kernel, power_of_two: bool = False) -> torch.Tensor:
+def fp8_grouped_linear(x, weight, counts, *, kernel: Kernel, power_of_two: bool = False,
+                       weights: QuantizedWeights | None = None) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ weight[e]^T with the three GEMMs in FP8."""
     keep_for_wgrad = torch.is_grad_enabled() and weight.requires_grad
-    return FP8GroupedLinearFunction.apply(*with_edges(x, weight), counts, kernel, power_of_two, keep_for_wgrad)
+    return FP8GroupedLinearFunction.apply(*with_edges(x, weight), counts, kernel, power_of_two, keep_for_wgrad,
+                                          weights)
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -113,20 +110,20 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad):
+    def forward(ctx, x, gate_up, down, counts, kernel, power_of_two, keep_for_wgrad, weights):
         p2, splits, out_dtype, x_dtype = power_of_two, counts.tolist(), compute_dtype(x), x.dtype
         x = x.float()  # once, for both quantizations
         x_q, x_s = quantize_1x128(x, p2)
-        w1_q, w1_s = quantize_128x128(gate_up, p2)
+        w1_q, w1_s = quantized_weight(weights, gate_up, kernel, p2)
         h = grouped_gemm(kernel, x_q, x_s, w1_q, w1_s, splits, torch.float32)
         h_q, h_s = quantize_1x128(h, p2)  # the SwiGLU input, cached in FP8
         a_q, a_s = quantize_1x128(_swiglu(h), p2)
-        w2_q, w2_s = quantize_128x128(down, p2)
+        w2_q, w2_s = quantized_weight(weights, down, kernel, p2)
         y = grouped_gemm(kernel, a_q, a_s, w2_q, w2_s, splits, out_dtype)
         x_t, x_t_s = quantize_128x1_grouped(x, counts, p2) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(x_t, x_t_s, h_q, h_s, gate_up, down, counts)
         ctx.kernel, ctx.power_of_two, ctx.splits, ctx.x_dtype = kernel, p2, splits, x_dtype
-        ctx.kept_for_w = {}
+        ctx.weights, ctx.kept_for_w = weights, {}
         return y
 
     @staticmethod
@@ -149,7 +146,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
             a_t = quantize_128x1_grouped(gate * sig * up, counts, p2)  # the SwiGLU output, recomputed
         dh = None
         if need_dh:
-            da = _dgrad(kernel, dy, down, splits, p2, torch.float32)
+            da = _dgrad(kernel, dy, down, splits, p2, torch.float32, ctx.weights)
             d_gate = da * up * sig * (1 + gate * (1 - sig))
             dh = torch.cat([d_gate, da * gate * sig], dim=-1)
             if dh_t is None and (want_gate_up or later_gate_up):
@@ -162,15 +159,17 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         if want_down:
             d_down = _wgrad_q(kernel, quantize_128x1_grouped(dy, counts, p2), a_t, down, splits)
         d_gate_up = _wgrad_q(kernel, dh_t, (x_t, x_t_s), gate_up, splits) if want_gate_up else None
-        dx = _dgrad(kernel, dh, gate_up, splits, p2, ctx.x_dtype) if want_x else None
-        return dx, d_gate_up, d_down, None, None, None, None
+        dx = _dgrad(kernel, dh, gate_up, splits, p2, ctx.x_dtype, ctx.weights) if want_x else None
+        return dx, d_gate_up, d_down, None, None, None, None, None
 
 
-def fp8_swiglu_experts(x, gate_up, down, counts, *, kernel: Kernel, power_of_two: bool = False):
-    """down_e(silu(gate_e x) * up_e x) for rows of each expert e, gate_up [E, 2I, H], down [E, H, I]."""
+def fp8_swiglu_experts(x, gate_up, down, counts, *, kernel: Kernel, power_of_two: bool = False,
+                       weights: QuantizedWeights | None = None):
+    """down_e(silu(gate_e x) * up_e x) for rows of each expert e, gate_up [E, 2I, H], down [E, H, I];
+    `weights` caches the FP8 copies of gate_up and down."""
     keep_for_wgrad = torch.is_grad_enabled() and gate_up.requires_grad
     return FP8SwiGLUExpertsFunction.apply(*with_edges(x, gate_up, down), counts, kernel, power_of_two,
-                                          keep_for_wgrad)
+                                          keep_for_wgrad, weights)
 
 
 class FP8GroupedExperts(nn.Module):
@@ -182,6 +181,7 @@ class FP8GroupedExperts(nn.Module):
         super().__init__()
         check_kernel_backend(backend)
         self.backend, self.power_of_two_scales = backend, power_of_two_scales
+        self.quantized_weights = QuantizedWeights()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device, dtype=dtype))
 
@@ -197,7 +197,7 @@ class FP8GroupedExperts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         kernel = gemm_kernel(self.backend, x_sorted.device)
         return fp8_swiglu_experts(x_sorted, self.gate_up_proj, self.down_proj, counts, kernel=kernel,
-                                  power_of_two=self.power_of_two_scales)
+                                  power_of_two=self.power_of_two_scales, weights=self.quantized_weights)
 
     def extra_repr(self) -> str:
         num, two_i, hidden = self.gate_up_proj.shape

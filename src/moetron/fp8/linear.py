@@ -16,7 +16,8 @@ from torch import nn
 
 from moetron.fp8.backends import Kernel, check_kernel_backend, gemm_kernel
 from moetron.fp8.edges import wanted, with_edges
-from moetron.fp8.quant import quantize_1x128, quantize_128x1, quantize_128x128
+from moetron.fp8.quant import quantize_1x128, quantize_128x1
+from moetron.fp8.weight_cache import QuantizedWeights, quantized_weight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,17 +34,17 @@ def wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, out_dtype) -> torc
 
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, kernel, power_of_two, keep_for_wgrad):
+    def forward(ctx, x, weight, bias, kernel, power_of_two, keep_for_wgrad, weights):
         rows = x.reshape(-1, x.shape[-1]).float()  # once, for both quantizations
         out_dtype = compute_dtype(x)
         x_q, x_s = quantize_1x128(rows, power_of_two)
-        w_q, w_s = quantize_128x128(weight, power_of_two)
+        w_q, w_s = quantized_weight(weights, weight, kernel, power_of_two)
         y = kernel(x_q, x_s, w_q, w_s, b_block=True, out_dtype=out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
         saved = quantize_128x1(rows, power_of_two) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(*saved, weight)
-        ctx.kernel, ctx.power_of_two = kernel, power_of_two
+        ctx.kernel, ctx.power_of_two, ctx.weights = kernel, power_of_two, weights
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -56,20 +57,21 @@ class FP8LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if wanted(ctx, 0):
             dy_q, dy_s = quantize_1x128(dy, p2)
-            wt_q, wt_s = quantize_128x128(weight.t(), p2)  # fresh from the high-precision W^T
+            wt_q, wt_s = quantized_weight(ctx.weights, weight, kernel, p2, transposed=True)  # from the FP32 W^T
             dx = kernel(dy_q, dy_s, wt_q, wt_s, b_block=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
         if wanted(ctx, 1):
             dy_t, dy_t_s = quantize_128x1(dy, p2)
             dw = wgrad(kernel, dy_t, dy_t_s, x_t, x_t_s, weight.dtype)
         if ctx.bias_dtype is not None and wanted(ctx, 2):
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def fp8_linear(x, weight, bias=None, *, kernel: Kernel, power_of_two: bool = False) -> torch.Tensor:
-    """F.linear(x, weight, bias) with the three GEMMs in FP8."""
+def fp8_linear(x, weight, bias=None, *, kernel: Kernel, power_of_two: bool = False,
+               weights: QuantizedWeights | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the three GEMMs in FP8; `weights` caches W's FP8 copies."""
     keep_for_wgrad = torch.is_grad_enabled() and weight.requires_grad
-    return FP8LinearFunction.apply(*with_edges(x, weight, bias), kernel, power_of_two, keep_for_wgrad)
+    return FP8LinearFunction.apply(*with_edges(x, weight, bias), kernel, power_of_two, keep_for_wgrad, weights)
 
 
 class FP8Linear(nn.Linear):
@@ -81,6 +83,7 @@ class FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         check_kernel_backend(backend)  # fail at construction, not at the first forward
         self.backend, self.power_of_two_scales = backend, power_of_two_scales
+        self.quantized_weights = QuantizedWeights()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "emulated", power_of_two_scales: bool = False):
@@ -92,7 +95,8 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = gemm_kernel(self.backend, x.device)
-        return fp8_linear(x, self.weight, self.bias, kernel=kernel, power_of_two=self.power_of_two_scales)
+        return fp8_linear(x, self.weight, self.bias, kernel=kernel, power_of_two=self.power_of_two_scales,
+                          weights=self.quantized_weights)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}, power_of_two_scales={self.power_of_two_scales}"

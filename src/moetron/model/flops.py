@@ -20,3 +20,15 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         per_module = mtp_block + 2 * cfg.hidden_size**2 + counts.head  # TRM_k, M_k and the shared head
         flops += cfg.num_nextn_predict_layers * (6 * per_module + attention_core_flops(cfg, seq_len))
     return flops
+
+
+def achieved_tflops_per_device(tokens_per_s: float, flops_per_token: float, world_size: int) -> float:
+    """Model TFLOP/s each device delivers: the step's model FLOPs are split over the world (pipeline stages,
+    data-parallel replicas, experts and tensor shards each do their part), so one device does 1 / world."""
+    return tokens_per_s * flops_per_token / world_size / 1e12
+
+
+def mfu_per_device(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilization: one device's share of the model FLOP/s over one device's peak.
+    `tokens_per_s` is the global throughput (all replicas together)."""
+    return achieved_tflops_per_device(tokens_per_s, flops_per_token, world_size) / peak_tflops

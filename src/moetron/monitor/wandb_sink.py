@@ -11,7 +11,11 @@ SECTIONS = {
     "loss": "train", "lm_loss": "train", "mtp_loss": "train", "bal_loss": "train", "val_loss": "eval",
     "grad_norm": "optim", "lr": "optim", "batch_size": "optim", "mtp_lambda": "optim",
     "bias_update_rate": "optim", "tokens": "progress", "tokens_per_s": "perf", "step_time": "perf",
-    "mfu": "perf", "max_vio": "balance", "bias_absmax": "balance", "bias_std": "balance",
+    "mfu": "perf", "tokens_per_s_per_device": "perf", "tflops_per_device": "perf",
+    "time_data": "time", "time_forward_backward": "time", "time_optimizer": "time", "time_checkpoint": "time",
+    "ep_wait_share": "comm", "dp_wait_share": "comm",
+    "peak_rss_mb": "memory", "peak_device_allocated_mb": "memory", "peak_device_reserved_mb": "memory",
+    "max_vio": "balance", "bias_absmax": "balance", "bias_std": "balance",
 }
 
 
@@ -48,9 +52,10 @@ class WandbSink:
     def log(self, record: dict) -> None:
         self.run.log({"trainer/step": record["step"], **wandb_record(record)})
 
-    def log_event(self, name: str, step: int, text: str) -> None:
-        """An event as a metric (so it plots) and an alert (so someone is told, when online)."""
-        self.run.log({"trainer/step": step, f"events/{name}": 1})
+    def log_event(self, name: str, step: int, text: str, also: tuple[str, ...] = ()) -> None:
+        """An event as a metric (so it plots) and an alert (so someone is told, when online); `also`: more
+        event names of the same step (the action taken: skip), plotted without an alert of their own."""
+        self.run.log({"trainer/step": step, f"events/{name}": 1, **{f"events/{other}": 1 for other in also}})
         self.run.alert(title=f"moetron {name} at step {step}", text=text, level=self.wandb.AlertLevel.WARN)
 
     def log_expert_load(self, step: int, figure) -> None:

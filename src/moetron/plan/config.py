@@ -7,6 +7,7 @@ from hydra.core.config_store import ConfigStore
 from moetron.config import MoetronConfig
 from moetron.config.errors import invalid
 from moetron.config.hardware import HardwareConfig
+from moetron.config.layout import check_layout as layout_check
 
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULE_STAGES = {"1f1b": 1, "zb1p": 1, "dualpipe": 1, "dualpipev": 2}  # stages per pipeline rank (distinct)
@@ -49,32 +50,15 @@ class PlanConfig(MoetronConfig):
 
 
 def check_layout(cfg: PlanConfig) -> None:
-    """Layout errors a planner (and a launcher) must catch before any work; each names its field."""
-    p, m, t = cfg.parallel, cfg.model, cfg.train
+    """Layout errors a planner must catch before any work; each names its field."""
+    p, t = cfg.parallel, cfg.train
     if cfg.plan.recompute not in RECOMPUTE:
         raise invalid("plan.recompute", cfg.plan.recompute, " | ".join(RECOMPUTE))
     if not 0 <= cfg.plan.dp_overlap <= 1:
         raise invalid("plan.dp_overlap", cfg.plan.dp_overlap, "a fraction in [0, 1]")
-    if m.n_routed_experts % p.ep:
-        raise invalid("parallel.ep", p.ep, f"a divisor of model.n_routed_experts ({m.n_routed_experts})",
-                      "Every expert-parallel rank holds the same number of routed experts.")
-    if m.num_attention_heads % p.tp:
-        raise invalid("parallel.tp", p.tp, f"a divisor of model.num_attention_heads ({m.num_attention_heads})")
-    rpn = cfg.ranks_per_node
-    if p.ep > rpn and p.ep % rpn:
-        raise invalid("parallel.ep", p.ep, f"at most or a multiple of the ranks per node ({rpn})",
-                      "An expert-parallel group spans whole nodes or fits inside one.")
-    if p.world_size > rpn and p.world_size % rpn:
-        raise invalid("parallel.ranks_per_node", p.ranks_per_node,
-                      f"a divisor of the world size pp x dp x tp = {p.world_size}")
-    units = m.num_hidden_layers
-    if cfg.num_stages > units:
-        raise invalid("parallel.pp", p.pp,
-                      f"at most {units // SCHEDULE_STAGES[p.schedule]} for {p.schedule}",
-                      f"{cfg.num_stages} pipeline stages cannot share {units} Transformer layers (every stage "
-                      "holds at least one; the MTP modules ride on the last).")
-    if p.schedule == "dualpipe" and p.pp % 2:
-        raise invalid("parallel.pp", p.pp, "an even number for DualPipe", "Rank r pairs with rank PP-1-r.")
+    # What the trainer refuses at start-up (config/layout.py); a world smaller than a node fills part of one.
+    layout_check(cfg, ranks_per_node=min(cfg.ranks_per_node, p.world_size))
+    # The plan's own: its micro-batch count is the batch at the end of the ramp over whole micro-batches.
     if t.global_batch_size % (p.dp * t.micro_batch_size):
         raise invalid("train.global_batch_size", t.global_batch_size,
                       f"a multiple of parallel.dp x train.micro_batch_size = {p.dp * t.micro_batch_size}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from importlib import resources
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 
 from moetron.config.cluster import ClusterConfig, SlurmJobConfig, validate_cluster
 from moetron.config.errors import ConfigError
+from moetron.config.layout import check_layout
 
 TEMPLATES = {"srun": "srun.sbatch", "torchrun": "torchrun.sbatch"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -43,11 +45,9 @@ def load(overrides: list[str]) -> SlurmJobConfig:
     return config
 
 
-def check_layout(config: SlurmJobConfig) -> dict:
+def check_cluster_layout(config: SlurmJobConfig) -> dict:
     """Does the parallel layout fit the cluster? Returns a summary; raises ConfigError naming the fields."""
-    from moetron.parallel.mesh import MeshLayout
-
-    c, p, m = config.cluster, config.parallel, config.model
+    c, p = config.cluster, config.parallel
     rpn = c.rpn
     world = p.pp * p.dp * p.tp
     if c.nodes * rpn != world:
@@ -67,23 +67,10 @@ def check_layout(config: SlurmJobConfig) -> dict:
             f"Invalid value for `parallel.ranks_per_node`: {p.ranks_per_node}. The cluster runs {rpn} ranks per "
             f"node ({'cluster.ranks_per_node' if c.ranks_per_node else 'cluster.gpus_per_node'}). Valid: 0 (taken "
             f"from the launcher) or {rpn}.")
-    order = {}
-    if getattr(p, "rank_order", None) and "order" in MeshLayout.__dataclass_fields__:
-        order["order"] = p.rank_order  # which ranks are neighbours decides which groups span nodes
-    # The same checks the trainer's process mesh makes: EP groups must cover their nodes evenly.
-    layout = MeshLayout(world_size=world, ranks_per_node=rpn, pp=p.pp, ep=p.ep, tp=p.tp, **order)
-    layout.check_experts(m.n_routed_experts)
-    ep_nodes = max(len({r // rpn for r in ranks}) for ranks in layout.ep_groups())
-    if m.n_group > 1 and ep_nodes > 1 and m.n_group % ep_nodes:
-        raise ConfigError(
-            f"Invalid value for `model.n_group`: {m.n_group}. Each EP group (parallel.ep = {p.ep}) spans {ep_nodes} "
-            f"nodes ({rpn} ranks per node), and node-limited routing needs every expert group inside one node "
-            f"(groups = nodes). Valid: model.n_group = 1 or a multiple of {ep_nodes}, or a parallel.ep that "
-            f"spans a divisor of {m.n_group} nodes.")
-    if m.n_group > 1 and m.topk_group > m.n_group:  # also checked by the model; kept for a complete message
-        raise ConfigError(f"Invalid value for `model.topk_group`: {m.topk_group}. Valid: 1..model.n_group ({m.n_group}).")
-    return dict(world_size=world, nodes=c.nodes, ranks_per_node=rpn, pp=p.pp, dp=p.dp, ep=p.ep, tp=p.tp,
-                ep_nodes=ep_nodes, n_group=m.n_group, topk_group=m.topk_group)
+    # What the trainer checks at start-up (config/layout.py), for the world this allocation launches.
+    checked = check_layout(config, world, rpn, f"the allocation runs {c.nodes * rpn} ranks")
+    m = config.model
+    return dict(checked.summary(), nodes=c.nodes, n_group=m.n_group, topk_group=m.topk_group)
 
 
 def trainer_overrides(overrides: list[str]) -> list[str]:
@@ -105,7 +92,19 @@ def _sbatch_lines(c: ClusterConfig) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
-def _environment(c: ClusterConfig) -> list[str]:
+def _srun_options(c: ClusterConfig) -> str:
+    """The options every srun step of the job takes (preflight and training): the site's conventions."""
+    options = [f"--kill-on-bad-exit={int(c.kill_on_bad_exit)}"]
+    if c.container_image:  # pyxis
+        options.append(f"--container-image={shlex.quote(c.container_image)}")
+    if c.container_mounts:
+        options.append(f"--container-mounts={shlex.quote(','.join(c.container_mounts))}")
+    if c.mpi:
+        options.append(f"--mpi={shlex.quote(c.mpi)}")
+    return " ".join(options + list(c.srun_extra))
+
+
+def _environment(c: ClusterConfig, run_dir: str) -> list[str]:
     lines = []
     if c.nccl:
         lines += [
@@ -114,16 +113,38 @@ def _environment(c: ClusterConfig) -> list[str]:
             "export CUDA_DEVICE_MAX_CONNECTIONS=1",
             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed or hung collective ends the job instead of hanging it",
             'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
-            "# export NCCL_SOCKET_IFNAME=ib0  # the network interface NCCL bootstraps on, if auto-detection picks wrong",
         ]
+        if c.nccl_ib_hca:
+            lines.append(f"export NCCL_IB_HCA={shlex.quote(c.nccl_ib_hca)}  # the InfiniBand adapters NCCL uses")
+        if c.nccl_socket_ifname:
+            lines.append(f"export NCCL_SOCKET_IFNAME={shlex.quote(c.nccl_socket_ifname)}  # the interface NCCL "
+                         "bootstraps on")
+        if c.nccl_trace_buffer:
+            trace = shlex.quote(os.path.join(run_dir, "nccl_trace"))
+            lines += [
+                "# NCCL flight recorder: each rank keeps its last collectives and dumps them on a timeout into",
+                "# run.dir/nccl_trace/rank_<N> (read with torch's fr_trace tool).",
+                f"export TORCH_NCCL_TRACE_BUFFER_SIZE={c.nccl_trace_buffer}",
+                "export TORCH_NCCL_DUMP_ON_TIMEOUT=1",
+                f"export TORCH_NCCL_DEBUG_INFO_TEMP_FILE={trace}/rank_",
+                f"mkdir -p {trace}",
+            ]
+    if c.mpi_library:  # mpi4py loads this libmpi instead of the one of the bundled `mpich` wheel
+        lines.append(f"export MPI4PY_LIBMPI={shlex.quote(c.mpi_library)}")
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()]
     return lines
+
+
+def _preflight_args(config: SlurmJobConfig) -> str:
+    c = config.cluster
+    return " ".join([f"--run-dir={shlex.quote(config.run.dir)}", f"--device={shlex.quote(config.run.device)}",
+                     f"--min-free-gb={c.preflight_min_free_gb:g}", f"--mb={c.preflight_mb:g}"])
 
 
 def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = None) -> str:
     """The sbatch script (text). `overrides` are the command line's; the trainer gets all but cluster.*."""
     validate_cluster(config.cluster)  # also when called without load(): nothing unchecked reaches the script
-    layout = check_layout(config)
+    layout = check_cluster_layout(config)
     c = config.cluster
     launcher = launcher or c.launcher
     if launcher not in TEMPLATES:
@@ -137,7 +158,8 @@ def render(config: SlurmJobConfig, overrides: list[str], launcher: str | None = 
         requeue=int(c.requeue), max_requeues=c.max_requeues,
         setup="\n".join(c.setup) if c.setup else "# (no cluster.setup lines)",
         workdir=shlex.quote(c.workdir) if c.workdir else '"$SLURM_SUBMIT_DIR"',
-        rdzv_port=c.rdzv_port, environment="\n".join(_environment(c)), python=shlex.quote(c.python),
+        rdzv_port=c.rdzv_port, environment="\n".join(_environment(c, config.run.dir)), python=shlex.quote(c.python),
+        srun_options=_srun_options(c), preflight=int(c.preflight), preflight_args=_preflight_args(config),
         module=shlex.quote(c.module), args=" ".join(shlex.quote(o) for o in trainer_overrides(overrides)),
         layout=(f"pp={layout['pp']} dp={layout['dp']} ep={layout['ep']} tp={layout['tp']}; EP groups span "
                 f"{layout['ep_nodes']} node(s); model.n_group={layout['n_group']} topk_group={layout['topk_group']}"),

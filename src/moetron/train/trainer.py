@@ -14,6 +14,8 @@ One loop for every layout (nanoGPT's habit; one process is the smallest layout, 
   grad norm counts each element once (its shard); the step is judged (NaN/Inf, loss and grad-norm spikes)
   and applied (shard update, all-gather), skipped or rolled back; the aux-loss-free bias update follows;
 - checkpoints in the one format of every layout (checkpoint/state.py), so any run resumes in any layout;
+- the step's phases and its waits on EP and DP communication are timed (train/timing.py) and gathered from
+  every rank with the memory peaks (train/perf.py);
 - rank 0 alone writes metrics, events and the progress bar.
 """
 
@@ -21,11 +23,9 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,45 +38,30 @@ from moetron import device as dev
 from moetron.checkpoint import CheckpointStore
 from moetron.checkpoint.state import FlatChunk, expert_offsets, model_entries
 from moetron.comm import FlightRecorder, LinkModel, Transport
-from moetron.comm.errors import ParameterError
 from moetron.config import ConfigError, MoetronConfig, invalid
 from moetron.config.hydra import to_yaml
+from moetron.config.layout import check_layout, config_fields
 from moetron.data import build_data
 from moetron.model import DeepSeekV3, max_violation
-from moetron.model.flops import training_flops_per_token
+from moetron.model.flops import achieved_tflops_per_device, mfu_per_device, training_flops_per_token
 from moetron.model.moe import MoE
 from moetron.model.stages import stages_holding
 from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
 from moetron.monitor.watchdog import HangWatchdog
 from moetron.parallel import PipelineExecutor, build_schedule
-from moetron.parallel.mesh import MeshLayout, ProcessMesh
-from moetron.train import schedules
+from moetron.parallel.mesh import ProcessMesh
+from moetron.train import perf, schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
 from moetron.train.parallelize import materialize, parallelize
 from moetron.train.run_lock import RunDirLock
+from moetron.train.timing import PhaseClock, WaitClock
 from moetron.train.zero import ShardGroup, ZeroAdamW
 
-# The config field behind each parameter name moetron.parallel / moetron.comm / moetron.device report.
-CONFIG_FIELDS = {
-    "pp": "parallel.pp", "ep": "parallel.ep", "tp": "parallel.tp", "order": "parallel.rank_order",
-    "ranks_per_node": "parallel.ranks_per_node", "mode": "parallel.ep_dispatch",
-    "num_experts": "model.n_routed_experts", "world_size": "parallel.pp x parallel.dp x parallel.tp",
-}
 BACKEND_TIMEOUT_FLOOR_S = 300.0  # the process group's timeout is 2 x parallel.comm_timeout, at least this
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.param_dtype
-
-
-@contextmanager
-def config_fields():
-    """Show the libraries' parameter errors as errors of the config fields a user sets."""
-    try:
-        yield
-    except ParameterError as err:
-        field = CONFIG_FIELDS.get(err.param, err.param)
-        raise invalid(field, err.value, err.valid, err.detail) from err
 
 
 class Diverged(RuntimeError):
@@ -194,11 +179,20 @@ class Trainer:
             p.register_post_accumulate_grad_hook(_to_main_grad)
         # parallel.ema: the EMA of this rank's FP32 master shard, in host memory (train/ema.py).
         self.ema = WeightEMA(self.optimizer.master_pieces(), par.ema_decay) if par.ema else None
+        # run.async_checkpoint: background writes plan over a gloo group of their own, so that their
+        # collectives never interleave with the training thread's on the same group. COLLECTIVE.
+        async_group = dist.new_group(backend="gloo") if config.run.async_checkpoint else None
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=config.run.keep_checkpoints,
                                            rank=self.rank, barrier=self.barrier,
-                                           process_group=self.runtime.object_group)
+                                           process_group=self.runtime.object_group, async_group=async_group)
+        self.pending_save = None  # the background save in flight (run.async_checkpoint), at most one
         self.metrics = self.log_file(JsonLines, "metrics.jsonl")
         self.expert_loads = self.log_file(JsonLines, "expert_load.jsonl")
+        self.rank_metrics = self.log_file(JsonLines, "ranks.jsonl")  # per-rank memory, step time, comm waits
+        # Where a step's time goes: its phases, and the waits on EP all-to-alls and DP (ZeRO) collectives.
+        self.phases = PhaseClock(self.device)
+        self.transport.wait_clock = WaitClock(self.device)
+        self.optimizer.comm_clock = WaitClock(self.device)
         self.events = self.log_file(EventLog, "events.jsonl")
         self.detector = SpikeDetector(config.monitor.spike)
         fired = {(e["step"], e["kind"]) for e in self.events.read() if e["event"] == "fault"}
@@ -214,24 +208,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ layout
     def build_mesh(self, ranks_per_node: int) -> ProcessMesh:
-        cfg, par = self.cfg, self.cfg.parallel
-        if par.tp != 1:
-            raise invalid("parallel.tp", par.tp, "1", "The trainer has no tensor parallelism (the DeepSeek-V3 "
-                          "layout uses none).")
-        if par.world_size != self.world:
-            launch = ("this is one process; launch them with torchrun --nproc-per-node" if self.world == 1
-                      else f"{self.world} processes were launched (WORLD_SIZE)")
-            raise invalid("parallel.pp x parallel.dp x parallel.tp", f"{par.pp} x {par.dp} x {par.tp} = {par.world_size}",
-                          f"a layout whose product is {self.world} (parallel=single for one process), or "
-                          f"{par.world_size} processes", f"The layout needs {par.world_size} ranks, but {launch}.")
-        if cfg.train.micro_batch_size * par.dp > cfg.train.batch_ramp_start:
-            raise invalid("train.micro_batch_size", cfg.train.micro_batch_size,
-                          f"at most train.batch_ramp_start / parallel.dp = {cfg.train.batch_ramp_start // par.dp}",
-                          "Every data-parallel replica needs whole micro-batches.")
+        # The same check as `moetron.slurm render` and `moetron.plan` (config/layout.py), against the launch.
+        launch = ("this is one process; launch them with torchrun --nproc-per-node" if self.world == 1
+                  else f"{self.world} processes were launched (WORLD_SIZE)")
+        layout = check_layout(self.cfg, self.world, ranks_per_node, launch)
         with config_fields():
-            layout = MeshLayout(self.world, ranks_per_node, pp=par.pp, ep=par.ep, tp=1, order=par.rank_order)
-            layout.check_experts(cfg.model.n_routed_experts)
-            mesh = ProcessMesh(layout)
+            mesh = ProcessMesh(layout.mesh)
         self.pp_index, self.dp_index = mesh.coords["pp"], mesh.coords["dp"]
         return mesh
 
@@ -361,13 +343,45 @@ class Trainer:
         if not train_state.get("has_masters", False):
             self.optimizer.load_masters()
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the state after this step. With run.async_checkpoint the write runs in the background
+        (published later by `poll_save` or `publish_save`) unless `wait`; the previous one is published first."""
+        self.publish_save()
         step = self.state.step
         train_state = {**asdict(self.state), "has_optimizer": True, "has_masters": self.has_masters(),
                        "layout": self.layout(), "spike_history": self.detector.state()}
-        path = self.checkpoints.save(step, self.state_entries(), train_state,
-                                     before_publish=self.faults.checkpoint_hook(step))
-        self.events.event("checkpoint", step, path=str(path))
+        crash = self.faults.checkpoint_hook(step)
+        if not self.cfg.run.async_checkpoint:
+            path = self.checkpoints.save(step, self.state_entries(), train_state, before_publish=crash)
+            self.events.event("checkpoint", step, path=str(path))
+            return
+        self.pending_save = self.checkpoints.save_async(step, self.state_entries(), train_state, during_write=crash)
+        if wait:
+            self.publish_save()
+
+    def poll_save(self) -> None:
+        """At a step boundary: publish the background save once every rank's write has ended (a collective
+        verdict, as publishing is collective); otherwise train on."""
+        if self.pending_save is None:
+            return
+        done = torch.tensor([1 if self.pending_save.done() else 0], device=self.device)
+        self.all_reduce(done, "background save done", op=dist.ReduceOp.MIN)
+        if done.item():
+            self.publish_save()
+
+    def publish_save(self) -> None:
+        """Wait for the background save in flight, if any, and publish it (a failed write: ConfigError)."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            path = self.checkpoints.publish(pending)
+            self.events.event("checkpoint", pending.step, path=str(path), published_at_step=self.state.step)
+
+    def abandon_save(self) -> None:
+        """The run failed: let the background write end (it uses the process group) without publishing it;
+        its temporary directory is removed when the run is resumed."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            pending.write.exception()  # waits; its error, if any, is not this run's failure
 
     # ----------------------------------------------------------------------------------------- set-up
     def save_every(self) -> int:
@@ -427,6 +441,7 @@ class Trainer:
     def _truncate_logs(self, step: int) -> None:
         self.metrics.truncate_after(step)
         self.expert_loads.truncate_after(step)
+        self.rank_metrics.truncate_after(step)
 
     def _check_same_model(self) -> None:
         """Resuming with another model shape would fail deep inside the loader: say which field changed."""
@@ -582,25 +597,37 @@ class Trainer:
             self.stop_signal = "peer"
         return bool(flag.item())
 
-    def peak_memory(self) -> dict:
-        """The largest peak resident memory of any rank (MB), and on a GPU its peak allocated device memory."""
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                             dev.peak_memory_bytes(self.device) / 2**20], dtype=torch.float64, device=self.device)
-        self.all_reduce(peak, "peak memory", op=dist.ReduceOp.MAX)
-        rss, device_mb = peak.tolist()
-        return {"peak_rss_mb": rss, **({"peak_device_mb": device_mb} if dev.is_gpu(self.device) else {})}
+    def comm_waits(self) -> tuple[float, float]:
+        """Seconds this rank was blocked on EP all-to-alls and on DP (ZeRO) collectives since the last call."""
+        return self.transport.wait_clock.take(), self.optimizer.comm_clock.take()
+
+    def step_performance(self, step: int, step_time: float, ep_wait: float, dp_wait: float) -> dict:
+        """Every rank's memory peaks, phase times and comm waits, gathered (COLLECTIVE: every rank, every
+        step); rank 0 writes the per-rank values to ranks.jsonl and returns the headline figures."""
+        row = perf.rank_row(self.device, step_time, self.phases.take(), ep_wait, dp_wait)
+        record, per_rank = perf.summarize(perf.gather_rows(row), dev.is_gpu(self.device))
+        self.rank_metrics.write({"step": step, **per_rank})
+        return record
 
     def train_step(self) -> dict:
+        """One step: the phases data, forward_backward (with the DP gradient reduction) and optimizer (the
+        norm, the verdict, the update and its all-gather, the bias update) are timed on self.phases."""
         train, state = self.cfg.train, self.state
         step = state.step + 1
         self.flight.beat(step)
         self.faults.crash(step)
-        batch_size = self.batch_size()
-        mtp_lambda = schedules.mtp_lambda(train, state.tokens)
-        batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
-        batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
-        sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
+        with self.phases.phase("data"):
+            batch_size = self.batch_size()
+            mtp_lambda = schedules.mtp_lambda(train, state.tokens)
+            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
+            batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
+        with self.phases.phase("forward_backward"):
+            sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
+        with self.phases.phase("optimizer"):
+            return self._update(step, batch_size, mtp_lambda, sums)
 
+    def _update(self, step: int, batch_size: int, mtp_lambda: float, sums: dict) -> dict:
+        train, state = self.cfg.train, self.state
         grad_norm = self.clip_gradients()
         bal_loss, loads = self.moe_statistics(batch_size // train.micro_batch_size)
         loss = sums["loss"] + bal_loss
@@ -629,7 +656,7 @@ class Trainer:
             "max_vio_layers": [round(max_violation(load), 4) for load in loads],
             "bias_absmax": biases.abs().max().item() if biases is not None else 0.0,
             "bias_std": biases.std().item() if biases is not None and biases.numel() > 1 else 0.0,
-            "action": action, **self.peak_memory(),
+            "action": action,
         }
         if action == "rollback":
             self.rollback(step, batch_size)
@@ -652,8 +679,9 @@ class Trainer:
             action = "skip"
         self.events.event(verdict.kind, step, loss=_finite_or_str(loss), grad_norm=_finite_or_str(grad_norm),
                           detail=verdict.detail, action=action)
-        if self.sink is not None:
-            self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}")
+        if self.sink is not None:  # a skipped step is also an events/skip point (the dashboard's Recovery panel)
+            self.sink.log_event(verdict.kind, step, f"{verdict.detail}; action: {action}",
+                                also=("skip",) if action == "skip" else ())
         return action
 
     def _before(self, step: int) -> list[Path]:
@@ -665,6 +693,7 @@ class Trainer:
         the next older tried), move the data cursor past the spike plus `rollback_skip_batches` batches, and
         save at once so a crash cannot replay the bad window."""
         cursor = self.state.sequences + self.cfg.monitor.spike.rollback_skip_batches * batch_size
+        self.publish_save()  # a save in flight is one the rollback may choose, as a synchronous save would be
         self.barrier()  # every rank has decided on the same checkpoints before any reads them
         for target in reversed(self._before(spike_step)):
             try:
@@ -684,7 +713,7 @@ class Trainer:
                           skipped_sequences=cursor - restored.sequences, data_cursor=cursor)
         if self.sink is not None:
             self.sink.log_event("rollback", spike_step, f"restored {target}, data cursor {cursor}")
-        self.save()
+        self.save(wait=True)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -722,6 +751,8 @@ class Trainer:
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            if getattr(self, "pending_save", None) is not None:
+                self.abandon_save()
             if hasattr(self, "run_lock"):
                 self.run_lock.release()  # whatever ended the run, another trainer may now take run.dir
             if self.runtime.owns_group and dist.is_initialized():
@@ -747,6 +778,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True, desc="train")
         record, window_tokens, window_start = None, 0, time.perf_counter()
         while self.state.step < total:
+            self.phases.take(), self.comm_waits()  # nothing from before this step (validation, a rollback)
             step_start = time.perf_counter()
             record = self.train_step()
             loads = record.pop("_loads")
@@ -757,20 +789,26 @@ class Trainer:
                 bar.refresh()
                 continue
             step_time = time.perf_counter() - step_start
+            ep_wait, dp_wait = self.comm_waits()  # the step's own (validation's all-to-alls come next)
             window_tokens += record["batch_size"] * cfg.train.seq_len
             step = self.state.step
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
                 record["val_loss"] = self.validate()
+            self.poll_save()  # run.async_checkpoint: publish a background save whose write has ended
+            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
+            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
+            if saved:
+                save_start = time.perf_counter()
+                with self.phases.phase("checkpoint"):
+                    self.save()
+                step_time += time.perf_counter() - save_start  # the step's time: train_step and its checkpoint
+            record |= self.step_performance(step, step_time, ep_wait, dp_wait)
             if step == 1 or step % cfg.run.log_every == 0 or step == total or "val_loss" in record:
-                self.log(record, window_tokens / (time.perf_counter() - window_start), step_time)
+                self.log(record, window_tokens / (time.perf_counter() - window_start))
                 window_tokens, window_start = 0, time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.monitor.expert_load_every == 0 or step == total:
                 self.log_expert_load(step, loads)
-            # No checkpoint in a run of non-finite steps: the kept ones stay those of finite training.
-            saved = (step % self.save_every() == 0 or step == total) and self.nonfinite_streak == 0
-            if saved:
-                self.save()
             bar.update(1)
             if self.stop_requested():
                 return self.preempt(record, saved, bar)
@@ -782,7 +820,7 @@ class Trainer:
     def diverged(self, record: dict, bar):
         """Stop: nothing finite is left to train on. The checkpoints (all finite) stay as they are."""
         bar.close()
-        self.log(record, 0.0, 0.0)
+        self.log(record, 0.0)
         self.events.event("diverged", self.state.step, nonfinite_steps=self.nonfinite_streak)
         self.finish()
         raise Diverged(f"{self.nonfinite_streak} consecutive steps (up to step {self.state.step}) had a NaN or Inf "
@@ -800,11 +838,15 @@ class Trainer:
         self.finish()
         return record | {"preempted": True}
 
-    def log(self, record: dict, tokens_per_s: float, step_time: float) -> None:
+    def log(self, record: dict, tokens_per_s: float) -> None:
+        """`tokens_per_s`: the global throughput (every replica) since the last log; per device it is the
+        world's share, and MFU is one device's share of the model FLOP/s over one device's peak."""
         record["tokens_per_s"] = tokens_per_s
-        record["step_time"] = step_time
+        record["tokens_per_s_per_device"] = tokens_per_s / self.world
+        record["tflops_per_device"] = achieved_tflops_per_device(tokens_per_s, self.flops_per_token, self.world)
         if self.cfg.monitor.peak_tflops > 0:
-            record["mfu"] = tokens_per_s * self.flops_per_token / (self.cfg.monitor.peak_tflops * 1e12)
+            record["mfu"] = mfu_per_device(tokens_per_s, self.flops_per_token, self.world,
+                                           self.cfg.monitor.peak_tflops)
         self.metrics.write({k: _round(v) for k, v in record.items()})
         if self.sink is not None:
             self.sink.log(record)
@@ -825,6 +867,7 @@ class Trainer:
     def finish(self) -> None:
         if self.watchdog is not None:  # no collectives from here on: the report may take its time
             self.watchdog.stop()
+        self.publish_save()  # nothing in flight is lost at the end of a run, a preemption or a divergence
         if self.ema is not None:
             self.ema.close()
         self.run_lock.release()

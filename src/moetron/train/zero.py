@@ -24,6 +24,7 @@ whole state.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -120,25 +121,29 @@ class Bucket:
         return self.grad[self.lo:self.lo + self.shard]
 
     @torch.no_grad()
-    def reduce(self, divisor: float) -> None:
-        """Sum the holders' gradients into this member's shard (reduce-scatter; all-reduce unsharded)."""
+    def reduce(self, divisor: float, timed=contextlib.nullcontext) -> None:
+        """Sum the holders' gradients into this member's shard (reduce-scatter; all-reduce unsharded).
+        `timed()` wraps the collective (the trainer's count of time spent in DP communication)."""
         if self.sharded:
             out = torch.empty(self.shard, dtype=self.grad.dtype, device=self.grad.device)
-            reduce_scatter(out, self.grad, self.group.group)
+            with timed():
+                reduce_scatter(out, self.grad, self.group.group)
             self.my_grad().copy_(out)
         elif len(self.group.ranks) > 1:
-            dist.all_reduce(self.grad, group=self.group.group)
+            with timed():
+                dist.all_reduce(self.grad, group=self.group.group)
         if divisor != 1:
             self.my_grad().div_(divisor)
 
     @torch.no_grad()
-    def gather(self) -> None:
+    def gather(self, timed=contextlib.nullcontext) -> None:
         """Every holder's parameters <- the members' updated masters, in the parameters' dtype."""
         dtype = self.params[0][1].dtype
         mine = self.master.to(dtype)
         if self.sharded:
             flat = torch.empty(self.shard * self.members, dtype=dtype, device=mine.device)
-            dist.all_gather_into_tensor(flat, mine, group=self.group.group)
+            with timed():
+                dist.all_gather_into_tensor(flat, mine, group=self.group.group)
         else:
             flat = mine
         for _, p, begin in self.segments:
@@ -158,6 +163,7 @@ class ZeroAdamW:
         self.runs = [(g, run) for g in groups for run in _runs(g.params, bucket_numel)]
         self.buckets: list[Bucket] = []
         self.step_count = torch.zeros((), dtype=torch.float32)
+        self.comm_clock = None  # a WaitClock (train/timing.py) timing the gradient and parameter collectives
         if allocate:
             self.buckets = [Bucket(run, g, rank, shard, self.moment_dtype) for g, run in self.runs]
 
@@ -171,10 +177,13 @@ class ZeroAdamW:
         for p in self.all_params:
             p.grad = None
 
+    def _timed(self):
+        return self.comm_clock.measure if self.comm_clock is not None else contextlib.nullcontext
+
     def reduce_gradients(self, divisor: float) -> None:
         for b in self.buckets:
             with self._record("reduce_scatter" if b.sharded else "all_reduce", b, "gradients"):
-                b.reduce(divisor)
+                b.reduce(divisor, self._timed())
 
     def _record(self, kind: str, b: Bucket, what: str):
         if len(b.group.ranks) == 1 or (kind == "all_gather" and not b.sharded):  # nothing goes over the wire
@@ -204,7 +213,7 @@ class ZeroAdamW:
             adamw_update(b.master, b.my_grad(), b.exp_avg, b.exp_avg_sq, b.decay, lr=self.lr,
                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, step=t)
             with self._record("all_gather", b, "parameters"):
-                b.gather()
+                b.gather(self._timed())
 
     def load_masters(self) -> None:
         for b in self.buckets:
