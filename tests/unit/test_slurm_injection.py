@@ -10,7 +10,7 @@ from moetron.config import ConfigError
 from moetron.config.cluster import validate_cluster
 from moetron.slurm import load, render
 
-LOCAL = ["cluster=local", "parallel.dp=4", "parallel.ep=2"]
+LOCAL = ["cluster=local", "parallel.dp=4", "parallel.ep=2", "train.micro_batch_size=2"]  # 2 x dp 4 <= tiny's batch_ramp_start
 FIELDS = ["name", "partition", "account", "qos", "mem", "time", "job_name", "log_dir", "workdir", "python",
           "module", "script", "launcher"]
 PAYLOADS = ["gpu\necho pwned", "gpu\r\n#SBATCH --no-requeue", "gpu; touch /tmp/pwned", "$(touch /tmp/pwned)",
