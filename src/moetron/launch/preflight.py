@@ -117,12 +117,14 @@ def _groups(info: RankInfo, backend: str) -> list[tuple[str, list[int], object]]
     groups is collective: every rank creates every group in the same order."""
     import torch.distributed as dist
 
-    rpn, nodes = info.ranks_per_node, info.num_nodes
+    from moetron.parallel.mesh import MeshLayout
+
+    mesh = MeshLayout(info.world_size, info.ranks_per_node)  # the trainer's node and rail partitions
     scopes = []
-    if rpn > 1:
-        scopes.append(("within a node", [list(range(n * rpn, (n + 1) * rpn)) for n in range(nodes)]))
-    if nodes > 1:
-        scopes.append(("across nodes", [[n * rpn + lo for n in range(nodes)] for lo in range(rpn)]))
+    if info.ranks_per_node > 1:
+        scopes.append(("within a node", mesh.node_groups()))
+    if info.num_nodes > 1:
+        scopes.append(("across nodes", mesh.rail_groups()))
         scopes.append(("whole job", [list(range(info.world_size))]))
     mine = []
     for scope, partition in scopes:

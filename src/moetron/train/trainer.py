@@ -50,7 +50,7 @@ from moetron.model.transformer import cross_entropy
 from moetron.monitor import FaultInjector, SpikeDetector, Verdict
 from moetron.monitor.watchdog import HangWatchdog
 from moetron.parallel import PipelineExecutor, build_schedule
-from moetron.parallel.mesh import ProcessMesh
+from moetron.parallel.mesh import KINDS, ProcessMesh
 from moetron.train import perf, schedules
 from moetron.train.ema import WeightEMA
 from moetron.train.logs import EventLog, JsonLines
@@ -219,8 +219,6 @@ class Trainer:
 
     def _name_groups(self) -> None:
         """Name the mesh's process groups in the flight records ("pp", "ep rail", ...)."""
-        from moetron.parallel.mesh import KINDS
-
         groups = [(getattr(self.mesh, f"{kind}_group", None), kind) for kind in KINDS]
         ep = self.mesh.ep
         groups += [(ep.group, "ep"), (ep.rail, "ep rail"), (ep.intra, "ep intra")]
