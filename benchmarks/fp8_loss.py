@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the tiny schedule's 300)")
     p.add_argument("--last", type=int, default=50, help="final steps over which each run's loss is averaged")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-batches", type=int, default=16, help="held-out micro-batches of the final validation")
     p.add_argument("--model", default="tiny", help="a preset of hydra_conf/model/")
     p.add_argument("--hidden", type=int, default=None, help="override model.hidden_size")
     p.add_argument("--layers", type=int, default=None, help="override model.num_hidden_layers")
@@ -120,10 +121,12 @@ def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> Moe
         monitor=MonitorConfig(wandb=False, report=False),
     )
     config.train.steps, config.train.seq_len, config.train.eval_every = args.steps, args.seq_len, args.steps
+    config.train.eval_batches = args.eval_batches
     for flag, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("experts", "n_routed_experts")):
         if getattr(args, flag):
             setattr(config.model, key, getattr(args, flag))
     config.model.max_position_embeddings = max(config.model.max_position_embeddings, args.seq_len)
+    config.data.seed = 0  # every run sees the same batches: a seed changes only the initialization
     config.monitor.spike.policy = "warn"
     config.train.precision = args.baseline  # FP8 runs compute the rest of the model in it too
     config.fp8.enabled = fp8

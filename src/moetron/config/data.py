@@ -42,12 +42,22 @@ class DataConfig:
     invalid_utf8: str = "error"  # raw input that is not UTF-8: error (refuse) | replace (with U+FFFD)
     text_key: str = "text"  # the field of a .jsonl object / .parquet column that holds the text
     cache_dir: str | None = None  # where raw files are prepared; None: a .prepared/ folder beside each file
+    # The batch order (the shuffle of every epoch) and the FIM draws; None: run.seed. Set it to keep the data
+    # fixed while run.seed changes the initialization (as benchmarks/fp8_loss.py does across its seeds).
+    seed: int | None = None
+
+
+def data_seed(data: DataConfig, run_seed: int) -> int:
+    """The seed of the batch order and FIM draws: data.seed, else run.seed."""
+    return run_seed if data.seed is None else data.seed
 
 
 def validate_data(data: DataConfig, prefix: str = "data") -> None:
     require_finite(data, prefix)
     if not 0.0 <= data.fim_rate <= 1.0:
         raise invalid(f"{prefix}.fim_rate", data.fim_rate, "a probability in [0, 1]")
+    if data.seed is not None and (isinstance(data.seed, bool) or not isinstance(data.seed, int) or data.seed < 0):
+        raise invalid(f"{prefix}.seed", data.seed, "a non-negative integer, or null to use run.seed")
     if not data.train_files and not data.blend:
         raise invalid(f"{prefix}.train_files", data.train_files,
                       "a non-empty list of prepared directories or text files (or a data.blend)")

@@ -39,6 +39,7 @@ from moetron.checkpoint import CheckpointStore
 from moetron.checkpoint.state import FlatChunk, expert_offsets, model_entries
 from moetron.comm import FlightRecorder, LinkModel, Transport
 from moetron.config import ConfigError, MoetronConfig, invalid
+from moetron.config.data import data_seed
 from moetron.config.hydra import to_yaml
 from moetron.config.layout import check_layout, config_fields
 from moetron.data import build_data
@@ -149,7 +150,7 @@ class Trainer:
         self.mesh = self.build_mesh(ranks_per_node_from_env(ranks_per_node or config.parallel.ranks_per_node,
                                                             self.world))
         self._name_groups()
-        self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, config.run.seed)
+        self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, data_seed(config.data, config.run.seed))
         if self.data is not None and self.data.tokenizer.vocab_size > config.model.vocab_size:
             raise invalid("model.vocab_size", config.model.vocab_size, f"at least {self.data.tokenizer.vocab_size}",
                           f"The tokenizer has {self.data.tokenizer.vocab_size} tokens.")
@@ -617,7 +618,8 @@ class Trainer:
         with self.phases.phase("data"):
             batch_size = self.batch_size()
             mtp_lambda = schedules.mtp_lambda(train, state.tokens)
-            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.cfg.run.seed)
+            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True,
+                                          seed=data_seed(self.cfg.data, self.cfg.run.seed))
             batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
         with self.phases.phase("forward_backward"):
             sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
