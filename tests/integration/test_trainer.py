@@ -136,3 +136,32 @@ def test_cli_resumes_after_a_kill_mid_run(corpus, tmp_path):
     b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in b] == [r["step"] for r in a]  # the redone steps replaced, not duplicated
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def _first_batch_and_weights(corpus, run_dir, seed: int, data_seed: int | None):
+    """The rows the trainer's first step trains on and its initial parameters, for run.seed / data.seed."""
+    config = make_config(corpus, run_dir, steps=1, seed=seed)
+    config.data.seed, config.train.eval_every = data_seed, 0
+    trainer = Trainer(config.validate())
+    seen, read = [], trainer.data.train.batch
+    trainer.data.train.batch = lambda *args, **kwargs: seen.append(read(*args, **kwargs)) or seen[-1]
+    initial = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+    trainer.fit()
+    return seen[0], initial
+
+
+def test_data_seed_fixes_the_batches_while_run_seed_changes_the_initialization(corpus, tmp_path):
+    a, init_a = _first_batch_and_weights(corpus, tmp_path / "a", seed=1, data_seed=7)
+    b, init_b = _first_batch_and_weights(corpus, tmp_path / "b", seed=2, data_seed=7)
+    assert torch.equal(a, b) and not torch.equal(init_a, init_b)
+    c, _ = _first_batch_and_weights(corpus, tmp_path / "c", seed=2, data_seed=None)  # the default: run.seed
+    d, _ = _first_batch_and_weights(corpus, tmp_path / "d", seed=7, data_seed=None)
+    assert not torch.equal(b, c) and torch.equal(a, d)
+
+
+@pytest.mark.parametrize("bad", [-1, True, "x"])
+def test_bad_data_seed_names_the_field(corpus, tmp_path, bad):
+    config = make_config(corpus, tmp_path / "run", steps=1)
+    config.data.seed = bad
+    with pytest.raises(ConfigError, match=r"data\.seed"):
+        config.validate()
