@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=None, help="override model.hidden_size")
     p.add_argument("--layers", type=int, default=None, help="override model.num_hidden_layers")
     p.add_argument("--experts", type=int, default=None, help="override model.n_routed_experts")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the tiny schedule's); its min and final LR scale with it")
+    p.add_argument("--bias-update-rate", type=float, default=None,
+                   help="aux-loss-free balancing's bias update speed (default: the tiny schedule's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     p.add_argument("--other-threads", type=int, default=None,
                    help="threads of the extra baseline run of seed 0 (default: 2 if --threads is 1, else 1)")
@@ -125,6 +129,11 @@ def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> Moe
     for flag, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("experts", "n_routed_experts")):
         if getattr(args, flag):
             setattr(config.model, key, getattr(args, flag))
+    if args.bias_update_rate is not None:
+        config.train.bias_update_rate = args.bias_update_rate
+    if args.lr is not None:
+        optim, ratio = config.train.optim, args.lr / config.train.optim.lr
+        optim.lr, optim.min_lr, optim.final_lr = args.lr, optim.min_lr * ratio, optim.final_lr * ratio
     config.model.max_position_embeddings = max(config.model.max_position_embeddings, args.seq_len)
     config.data.seed = 0  # every run sees the same batches: a seed changes only the initialization
     config.monitor.spike.policy = "warn"
@@ -135,10 +144,13 @@ def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> Moe
 
 
 def plan_runs(args) -> list[dict]:
-    runs = [{"name": f"{p}_s{s}", "precision": p, "seed": s, "threads": args.threads}
-            for s in range(args.seeds) for p in ("base", "fp8")]
-    runs.append({"name": f"base_s0_t{args.other_threads}", "precision": "base", "seed": 0,
-                 "threads": args.other_threads})
+    """Per seed: the baseline, FP8, and the baseline's twin at another thread count (the null pair)."""
+    runs = []
+    for s in range(args.seeds):
+        runs += [{"name": f"base_s{s}", "precision": "base", "seed": s, "threads": args.threads},
+                 {"name": f"fp8_s{s}", "precision": "fp8", "seed": s, "threads": args.threads},
+                 {"name": f"base_s{s}_t{args.other_threads}", "precision": "base", "seed": s,
+                  "threads": args.other_threads}]
     return runs
 
 
@@ -183,21 +195,33 @@ def median_step_s(run: dict) -> float:
     return statistics.median(r["step_time"] for r in run["records"][min(5, len(run["records"]) - 1):])
 
 
+def relative_differences(arm: list[float], base: list[float]) -> list[float]:
+    """(arm(s) - base(s)) / base(s) per seed: a paired difference."""
+    return [(a - b) / b for a, b in zip(arm, base, strict=True)]
+
+
+def noise_floor(null: list[float]) -> float:
+    """How far the seed-averaged relative difference of two arms that should not differ can land, at 95%:
+    Student's t (as many degrees of freedom as seeds: the null mean is known, zero) times the root mean
+    square of the per-seed null differences over sqrt(seeds)."""
+    n = len(null)
+    return T95[n] * math.sqrt(statistics.fmean(d * d for d in null)) / math.sqrt(n)
+
+
 def summarize(args, runs: dict[str, dict]) -> dict:
     seeds = range(args.seeds)
     base = [final_loss(runs[f"base_s{s}"], args.last) for s in seeds]
     fp8 = [final_loss(runs[f"fp8_s{s}"], args.last) for s in seeds]
-    other = final_loss(runs[f"base_s0_t{args.other_threads}"], args.last)
+    twin = [final_loss(runs[f"base_s{s}_t{args.other_threads}"], args.last) for s in seeds]
     base_mean, fp8_mean = statistics.fmean(base), statistics.fmean(fp8)
-    paired = [(f - b) / b for f, b in zip(fp8, base, strict=True)]
+    paired, null = relative_differences(fp8, base), relative_differences(twin, base)
     diff, half = statistics.fmean(paired), T95[args.seeds - 1] * statistics.stdev(paired) / math.sqrt(args.seeds)
     rel = abs(fp8_mean - base_mean) / base_mean
     seed_spread = statistics.stdev(base) / base_mean
-    seed_sem = seed_spread / math.sqrt(args.seeds)
-    thread_spread = abs(other - base[0]) / base[0]
-    noise = max(seed_sem, thread_spread)
+    noise = noise_floor(null)
     step_s = {p: statistics.median(median_step_s(runs[f"{p}_s{s}"]) for s in seeds) for p in ("base", "fp8")}
     cfg = build_config(args, False, 0, args.threads, Path("unused"))
+    val = {arm: [runs[f"{arm}_s{s}"]["records"][-1].get("val_loss") for s in seeds] for arm in ("base", "fp8")}
     return {
         "relative_loss_error": rel,
         "baseline_precision": args.baseline,
@@ -207,21 +231,28 @@ def summarize(args, runs: dict[str, dict]) -> dict:
         "fp8_within_noise": rel <= noise,
         "threshold": THRESHOLD,
         "passed": rel < THRESHOLD,
+        "noise_floor_below_threshold": noise < THRESHOLD,
+        "baseline_thread_difference": abs(statistics.fmean(twin) - base_mean) / base_mean,
+        "baseline_thread_difference_per_seed": null,
+        "fp8_difference_per_seed": paired,
         "baseline_seed_spread": seed_spread,
-        "baseline_seed_sem": seed_sem,
-        "baseline_thread_spread": thread_spread,
+        "baseline_seed_sem": seed_spread / math.sqrt(args.seeds),
         "baseline_mean_loss": base_mean,
         "fp8_mean_loss": fp8_mean,
         "baseline_loss_per_seed": base,
         "fp8_loss_per_seed": fp8,
-        "baseline_seed0_other_threads_loss": other,
-        "baseline_final_val_loss_per_seed": [runs[f"base_s{s}"]["records"][-1].get("val_loss") for s in seeds],
-        "fp8_final_val_loss_per_seed": [runs[f"fp8_s{s}"]["records"][-1].get("val_loss") for s in seeds],
+        "baseline_other_threads_loss_per_seed": twin,
+        "baseline_final_val_loss_per_seed": val["base"],
+        "fp8_final_val_loss_per_seed": val["fp8"],
+        "relative_val_loss_error": (abs(statistics.fmean(val["fp8"]) - statistics.fmean(val["base"]))
+                                    / statistics.fmean(val["base"]) if None not in val["base"] + val["fp8"] else None),
         "baseline_step_s_median": step_s["base"],
         "fp8_step_s_median": step_s["fp8"],
         "fp8_step_time_ratio": step_s["fp8"] / step_s["base"],
         "seeds": args.seeds,
         "steps": args.steps,
+        "lr": cfg.train.optim.lr,
+        "bias_update_rate": cfg.train.bias_update_rate,
         "last": args.last,
         "threads": args.threads,
         "other_threads": args.other_threads,
@@ -308,8 +339,9 @@ def main(argv=None) -> dict:
     print(f"seed-averaged loss over the last {args.last} steps: {args.baseline} {result['baseline_mean_loss']:.5f}, "
           f"fp8 {result['fp8_mean_loss']:.5f}; paired difference {result['relative_loss_difference']:+.5f} "
           f"(95% CI {lo:+.5f} .. {hi:+.5f})")
-    print(f"noise floor {result['noise_floor']:.5f} ({args.baseline} seed sem {result['baseline_seed_sem']:.5f}, "
-          f"thread change {result['baseline_thread_spread']:.5f}); fp8_within_noise = {result['fp8_within_noise']}")
+    print(f"noise floor {result['noise_floor']:.5f} ({args.baseline} at {args.other_threads} vs {args.threads} threads, "
+          f"per seed {', '.join(f'{d:+.5f}' for d in result['baseline_thread_difference_per_seed'])}); "
+          f"fp8_within_noise = {result['fp8_within_noise']}; {args.baseline} seed spread {result['baseline_seed_spread']:.5f}")
     print(f"median step: {args.baseline} {result['baseline_step_s_median'] * 1e3:.0f} ms, fp8 {result['fp8_step_s_median'] * 1e3:.0f} ms "
           f"(x{result['fp8_step_time_ratio']:.2f}, {args.jobs} runs sharing the machine)")
     print(f"wrote {out / 'fp8_loss.json'} and {out / 'fp8_loss.png'}")

@@ -1,0 +1,57 @@
+"""benchmarks/fp8_loss.py's statistics against hand-computed values: the seed-averaged relative error, the
+paired difference with its Student's t interval, and the noise floor from the BF16 thread-count twins."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_loss.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fp8_loss", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, final: float, steps: int = 6, last: int = 2) -> dict:
+    """A run whose last `last` losses average to `final` (the earlier ones far off, so a wrong window shows)."""
+    losses = [100.0] * (steps - last) + [final - 0.5, final + 0.5]
+    records = [{"step": i + 1, "loss": loss, "step_time": 1.0, "val_loss": final + 1} for i, loss in enumerate(losses)]
+    return {"name": name, "records": records, "wall_s": 1.0}
+
+
+def test_noise_floor_is_t_times_rms_of_the_twin_differences_over_sqrt_seeds(bench):
+    null = [0.001, -0.002, 0.0015]
+    rms = math.sqrt((1e-6 + 4e-6 + 2.25e-6) / 3)
+    assert bench.noise_floor(null) == pytest.approx(3.182 * rms / math.sqrt(3))  # t(0.975, 3 dof)
+    assert bench.noise_floor(null) == pytest.approx(2.856e-3, rel=1e-3)
+
+
+def test_summary_of_three_seeds(bench):
+    args = bench.parse_args(["--seeds", "3", "--steps", "6", "--last", "2", "--baseline", "fp32"])
+    base, fp8, twin = [4.0, 5.0, 4.5], [4.01, 4.99, 4.53], [4.004, 4.99, 4.5045]
+    runs = {}
+    for s in range(3):
+        for name, value in ((f"base_s{s}", base[s]), (f"fp8_s{s}", fp8[s]), (f"base_s{s}_t2", twin[s])):
+            runs[name] = run(name, value)
+    out = bench.summarize(args, runs)
+    assert out["relative_loss_error"] == pytest.approx(abs(sum(fp8) - sum(base)) / sum(base))  # 0.03 / 13.5
+    paired = [0.01 / 4.0, -0.01 / 5.0, 0.03 / 4.5]
+    mean = sum(paired) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in paired) / 2)
+    assert out["relative_loss_difference"] == pytest.approx(mean)
+    assert out["relative_loss_difference_ci95"] == pytest.approx([mean - 4.303 * sd / math.sqrt(3),
+                                                                 mean + 4.303 * sd / math.sqrt(3)])
+    null = [0.001, -0.002, 0.001]
+    assert out["baseline_thread_difference_per_seed"] == pytest.approx(null)
+    assert out["noise_floor"] == pytest.approx(3.182 * math.sqrt(sum(d * d for d in null) / 3) / math.sqrt(3))
+    assert out["fp8_within_noise"] is (out["relative_loss_error"] <= out["noise_floor"])
+    assert out["baseline_seed_spread"] == pytest.approx(0.5 / 4.5)
+    assert out["relative_val_loss_error"] == pytest.approx(0.03 / 16.5)
