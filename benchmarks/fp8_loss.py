@@ -5,10 +5,13 @@ The same model (default: the `tiny` preset), data (hydra_conf/data/default.yaml:
 `make corpus` builds) and schedule (hydra_conf/train/tiny.yaml, whose 300 steps run the whole LR schedule down
 to its final LR) are trained with moetron's Trainer in the baseline precision and in FP8 (the same, plus
 fp8.enabled with the `emulated` backend: E4M3 1x128 / 128x128 quantization numerics, GEMMs in FP32), once per
-seed. A seed sets the initialization and the batch order, so a baseline and an FP8 run of one seed see the
-same batches and differ only by the numerics. One more baseline run repeats the first seed with another
-thread count: a change that should not matter, whose effect is the floor below which no precision difference
-can be seen. Spike policy `warn` in every run, so every update is applied and no rollback changes the batches.
+seed. A seed sets the initialization only: every run reads the same batches in the same order (data.seed=0),
+so a baseline and an FP8 run of one seed differ only by the numerics. Each seed also trains a baseline twin
+at another thread count: a change that should not matter, which still changes the rounding of reductions.
+A small MoE amplifies any such difference (a token routed to another expert, a balancing bias stepped the
+other way), so two runs that differ in the last bit drift apart by tenths of a percent: the twins measure
+that drift, the floor below which no precision difference can be seen. Spike policy `warn` in every run, so
+every update is applied and no rollback changes the batches.
 
 The baseline (`--baseline`) is BF16 (train.precision=bf16, autocast), the report's, where this CPU computes
 BF16 GEMMs natively (oneDNN's BF16 path). A CPU without it (AVX2 only) runs BF16 GEMMs in torch's scalar
@@ -19,10 +22,13 @@ Per run, L = the mean training loss (LM + lambda * MTP + balance) over the last 
   relative_loss_error     |mean_s L_fp8(s) - mean_s L_base(s)| / mean_s L_base(s)  (seed-averaged, a fraction)
   relative_loss_difference and its ci95: the mean over seeds of (L_fp8(s) - L_base(s)) / L_base(s), a
                           paired difference, with Student's t 95% interval over the seeds
-  baseline_seed_spread    std over seeds of L_base(s) / its mean (how much the draw of seed moves L)
-  baseline_seed_sem       baseline_seed_spread / sqrt(seeds): the uncertainty of the seed-averaged loss
-  baseline_thread_spread  |L_base(seed 0, threads) - L_base(seed 0, other threads)| / L_base(seed 0, threads)
-  noise_floor             max(baseline_seed_sem, baseline_thread_spread)
+  baseline_thread_difference_per_seed
+                          (L_twin(s) - L_base(s)) / L_base(s): the null pair of each seed
+  noise_floor             t95(seeds) * RMS_s(null pair) / sqrt(seeds): how far the seed-averaged difference
+                          of two baseline arms that should not differ lands, at 95% (t with as many degrees
+                          of freedom as seeds: the null mean is known, zero)
+  baseline_seed_spread    std over seeds of L_base(s) / its mean (how much the initialization moves L;
+                          it cancels in the paired differences), and baseline_seed_sem = it / sqrt(seeds)
   fp8_within_noise        relative_loss_error <= noise_floor
   passed                  relative_loss_error < 0.0025 (the report's bar)
 plus per-seed losses, step times and the sizes. Writes benchmarks/results/fp8_loss.json and fp8_loss.png
