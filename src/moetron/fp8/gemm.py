@@ -10,8 +10,6 @@ promotion every 128 of K computes.
 GEMM converts its operands once rather than once per expert; the GEMM takes either form.
 """
 
-import contextlib
-
 import torch
 
 from moetron.fp8.quant import TILE, ceil_div, fp8_to_float
@@ -27,12 +25,24 @@ def row_scales(b_scales: torch.Tensor, rows: int, block: bool) -> torch.Tensor:
     return per_row[..., :rows, :]
 
 
-def fp32_math(device: torch.device):
-    """A context in which the GEMM math stays FP32 whatever autocast says (entered only when autocast is on:
-    the context itself costs more than a small GEMM)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+class fp32_math:  # noqa: N801 (used like torch.autocast)
+    """A context in which the GEMM math stays FP32 whatever autocast says: autocast's enabled flag, switched
+    off and back. torch.autocast(enabled=False) does the same (plus dtype, cache and nesting bookkeeping that
+    a region without autocast ops does not need) at several times the cost of a small GEMM."""
+
+    __slots__ = ("device", "was_on")
+
+    def __init__(self, device: torch.device):
+        self.device = device.type
+
+    def __enter__(self):
+        self.was_on = torch.is_autocast_enabled(self.device)
+        if self.was_on:
+            torch.set_autocast_enabled(self.device, False)
+
+    def __exit__(self, *exc):
+        if self.was_on:
+            torch.set_autocast_enabled(self.device, True)
 
 
 def fp8_gemm(
