@@ -84,11 +84,14 @@ def grouped_fp8_gemm(a, a_scales, b, b_scales, splits: list[int], out_dtype: tor
     if b.shape[2] != k or a_scales.shape != (m, kb) or len(splits) != experts or sum(splits) != m:
         raise ValueError(f"grouped_fp8_gemm: a {tuple(a.shape)} (scales {tuple(a_scales.shape)}), b "
                          f"{tuple(b.shape)} and splits {splits} do not match")
-    out = torch.zeros(m, n, dtype=out_dtype, device=a.device)
     if kb == 0:
-        return out
+        return torch.zeros(m, n, dtype=out_dtype, device=a.device)
     a32, b32 = fp8_to_float(a), fp8_to_float(b)
     a_scales, b_rows = _fp32(a_scales), _fp32(row_scales(b_scales, n, True))
+    if kb == 1:
+        with fp32_math(a.device):
+            return _one_chunk_grouped(a32, a_scales, b32, b_rows, splits).to(out_dtype)
+    out = torch.zeros(m, n, dtype=out_dtype, device=a.device)
     start = 0
     with fp32_math(a.device):
         for expert, rows in enumerate(splits):
@@ -97,6 +100,19 @@ def grouped_fp8_gemm(a, a_scales, b, b_scales, splits: list[int], out_dtype: tor
                 out[part] = _promoted(a32[part], a_scales[part], b32[expert], b_rows[expert], kb)
             start += rows
     return out
+
+
+def _one_chunk_grouped(a32, a_scales, b32, b_rows, splits: list[int]) -> torch.Tensor:
+    """grouped_fp8_gemm when K is one chunk: each expert's product written in place, then the scales
+    multiplied in for all rows at once, in _promoted's order (the activation's, then the weight's)."""
+    out = a32.new_empty(a32.shape[0], b32.shape[1])
+    start = 0
+    for expert, rows in enumerate(splits):
+        if rows:
+            torch.mm(a32[start : start + rows], b32[expert].T, out=out[start : start + rows])
+            start += rows
+    counts = torch.tensor(splits, device=out.device)
+    return out.mul_(a_scales).mul_(b_rows[:, :, 0].repeat_interleave(counts, 0, output_size=out.shape[0]))
 
 
 def _promoted(a32, a_scales, b32, b_rows, kb: int) -> torch.Tensor:
@@ -131,14 +147,21 @@ def grouped_fp8_wgrad(dy_t, dy_t_scales, x_t, x_t_scales, splits: list[int], out
                          f"and out {tuple(out.shape)} do not match")
     a32, b32 = fp8_to_float(dy_t), fp8_to_float(x_t)
     a_scales, b_scales = _fp32(dy_t_scales), _fp32(x_t_scales)
-    row = tile = 0
+    in_place = out.dtype == torch.float32
+    one_tile, row, tile = [], 0, 0  # experts whose products await their scales: (expert, its tile)
     with fp32_math(out.device):
         for expert, rows in enumerate(splits):
             tiles = ceil_div(rows, TILE)
-            if rows:
-                r, t = slice(row, row + rows), slice(tile, tile + tiles)
+            r, t = slice(row, row + rows), slice(tile, tile + tiles)
+            if tiles == 1 and in_place:  # _promoted's one-chunk product, scaled below with the others
+                torch.mm(a32[r].t(), b32[r].t().T, out=out[expert])
+                one_tile.append((expert, tile))
+            elif rows:
                 out[expert] = _promoted(a32[r].t(), a_scales[t].t(), b32[r].t(), b_scales[t].t(), tiles)
             row, tile = row + rows, tile + tiles
+    if one_tile:  # in _promoted's order: dy's scale per output row, then x's per output column
+        experts, tiles = (torch.tensor(i, device=out.device) for i in zip(*one_tile, strict=True))
+        out[experts] = out[experts].mul_(a_scales[tiles].unsqueeze(-1)).mul_(b_scales[tiles].unsqueeze(-2))
     return out
 
 
