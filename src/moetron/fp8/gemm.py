@@ -8,6 +8,11 @@ promotion every 128 of K computes.
 
 `fp8_gemm.prepare` turns an FP8 operand into the FP32 the GEMM multiplies (`fp8_to_float`), so a grouped
 GEMM converts its operands once rather than once per expert; the GEMM takes either form.
+`fp8_gemm.grouped` / `fp8_gemm.grouped_wgrad` run grouped.py's per-expert loops with the per-call work
+(checks, conversions, per-row scales, the autocast switch) done once: with short sequences most experts
+get a few rows and that work cost more than their GEMMs. Experts are never batched into one GEMM: BLAS
+sums a row's products in another order for another number of rows (M of 1 to 3 differ), so every expert
+keeps its own GEMM of its own shape.
 """
 
 import torch
