@@ -145,3 +145,39 @@ def test_small_model_step_is_bitwise_unchanged(one_thread, reference_emulation):
     reference_emulation()
     want = step()
     assert len(got) > 10 and all(same(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 130), (64, 96), (3, 128, 256), (3, 100, 200), (2, 256, 96), (1, 7)])
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("kernel", [fp8_gemm, lambda *a, **k: None], ids=["emulated", "no prepare"])
+def test_cached_weight_copies_are_bitwise_unchanged(shape, power_of_two, kernel):
+    """The cache's W and W^T copies (W^T derived from W's) are what quantizing each orientation gives,
+    in the same layout, in the kernel's form."""
+    w = awkward(shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1], torch.float32, 5).view(shape)
+    cache = weight_cache.QuantizedWeights()
+    for transposed in (False, True, False, True):  # misses, then hits
+        got = cache.get(w, kernel, power_of_two, transposed)
+        want = ref.quantize_128x128(w.transpose(-2, -1) if transposed else w, power_of_two)
+        want = (weight_cache.prepared(kernel, want[0]), want[1])
+        assert same(got[0], want[0]) and same(got[1], want[1]), transposed
+    fresh = weight_cache.QuantizedWeights().get(w, kernel, power_of_two, transposed=True)  # W^T first
+    assert same(fresh[0], want[0]) and same(fresh[1], want[1])
+
+
+@pytest.mark.parametrize("k", [48, 128, 160, 300])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemms_are_bitwise_unchanged(k, out_dtype):
+    """The emulated kernel's own loops over experts (Fprop/Dgrad and Wgrad) against one reference GEMM per
+    expert, with experts of one, a few and many rows (small GEMMs take other BLAS paths) and empty ones."""
+    splits, n = [1, 0, 2, 3, 17, 130, 0, 40], 96
+    a = quant.quantize_1x128(awkward(sum(splits), k, torch.float32, 6))
+    w = quant.quantize_128x128(awkward(len(splits) * n, k, torch.float32, 7).view(len(splits), n, k))
+    got = grouped.grouped_gemm(fp8_gemm, *a, *w, splits, out_dtype)
+    want = grouped.grouped_gemm(ref.fp8_gemm, *a, *w, splits, out_dtype)
+    assert same(got, want)
+    counts = torch.tensor(splits)
+    dy_t = quant.quantize_128x1_grouped(awkward(sum(splits), n, torch.float32, 8), counts)
+    x_t = quant.quantize_128x1_grouped(awkward(sum(splits), k, torch.float32, 9), counts)
+    got = grouped.grouped_wgrad(fp8_gemm, *dy_t, *x_t, splits, torch.zeros(len(splits), n, k))
+    want = grouped.grouped_wgrad(ref.fp8_gemm, *dy_t, *x_t, splits, torch.zeros(len(splits), n, k))
+    assert same(got, want)

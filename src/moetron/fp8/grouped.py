@@ -31,6 +31,9 @@ from moetron.fp8.weight_cache import QuantizedWeights, prepared, quantized_weigh
 
 def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
     """Rows of expert e times b[e]^T: a [N, K] FP8 (1x128), b [E, out, K] FP8 (128x128) -> [N, out]."""
+    grouped = getattr(kernel, "grouped", None)  # the kernel's own loop over experts, if it has one
+    if grouped is not None:
+        return grouped(prepared(kernel, a), a_scales, prepared(kernel, b), b_scales, splits, out_dtype)
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     a, b = prepared(kernel, a), prepared(kernel, b)
     start = 0
@@ -46,6 +49,9 @@ def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], ou
 def grouped_wgrad(kernel: Kernel, dy_t, dy_t_scales, x_t, x_t_scales, splits: list[int], out) -> torch.Tensor:
     """out[e] = dy_e^T x_e from grouped 128x1 data (scales hold ceil(rows_e / 128) tiles per expert)."""
     dy_t, x_t = prepared(kernel, dy_t), prepared(kernel, x_t)
+    grouped = getattr(kernel, "grouped_wgrad", None)
+    if grouped is not None:
+        return grouped(dy_t, dy_t_scales, x_t, x_t_scales, splits, out)
     row = tile = 0
     for expert, rows in enumerate(splits):
         tiles = ceil_div(rows, TILE)

@@ -62,13 +62,14 @@ def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
     transposed, so a GEMM sees the same operand as before). CPU kernels convert float8 one element at a
     time; a lookup in the table of all 256 codes is several times faster."""
     if data.dtype != FP8_DTYPE:
-        return data.float()
+        return data if data.dtype == torch.float32 else data.float()
     if data.dim() == 2 and not data.is_contiguous() and data.t().is_contiguous():
         return fp8_to_float(data.t()).t()
     if not data.is_contiguous():
         return data.float()
     codes = data.view(torch.uint8).reshape(-1).int()
-    return E4M3_VALUES.to(data.device).index_select(0, codes).view(data.shape)
+    table = E4M3_VALUES if data.device.type == "cpu" else E4M3_VALUES.to(data.device)
+    return table.index_select(0, codes).view(data.shape)
 
 
 def _cut(data: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from moetron.fp8.quant import quantize_128x128
+from moetron.fp8.quant import TILE, quantize_128x128
 
 
 def prepared(kernel, data: torch.Tensor) -> torch.Tensor:
@@ -45,10 +45,23 @@ class QuantizedWeights:
         cached = self._copies.get(slot)
         if cached is not None and cached[0]() is param and cached[1] == version:
             return cached[2]
-        data, scales = quantize_128x128(weight.transpose(-2, -1) if transposed else weight, power_of_two)
-        copy = (prepared(kernel, data), scales)
+        if transposed:
+            copy = transpose(*self.get(weight, kernel, power_of_two))
+        else:
+            data, scales = quantize_128x128(weight, power_of_two)
+            copy = (prepared(kernel, data), scales)
         self._copies[slot] = (weakref.ref(param), version, copy)
         return copy
+
+
+def transpose(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_128x128(W^T) from (data, scales) = quantize_128x128(W), bit for bit and in its layout: a
+    transposed view of W's data when no dim was padded, else a contiguous copy (the padded path cuts and
+    copies); contiguous scales."""
+    data_t = data.transpose(-2, -1)
+    if data.shape[-2] % TILE or data.shape[-1] % TILE:
+        data_t = data_t.contiguous()
+    return data_t, scales.transpose(-2, -1).contiguous()
 
 
 def quantized_weight(cache: QuantizedWeights | None, weight, kernel, power_of_two: bool, transposed=False):
