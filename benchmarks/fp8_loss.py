@@ -10,8 +10,15 @@ so a baseline and an FP8 run of one seed differ only by the numerics. Each seed 
 at another thread count: a change that should not matter, which still changes the rounding of reductions.
 A small MoE amplifies any such difference (a token routed to another expert, a balancing bias stepped the
 other way), so two runs that differ in the last bit drift apart by tenths of a percent: the twins measure
-that drift, the floor below which no precision difference can be seen. Spike policy `warn` in every run, so
-every update is applied and no rollback changes the batches.
+that drift, the floor below which no precision difference can be seen. Two defaults shrink that drift
+(exploratory runs, 2 seeds each, last-50 loss): the tiny schedule's peak LR 3e-3 makes early loss spikes whose
+outcome moves a run's loss by about 1% for good (FP8 vs baseline of one seed +1.0%, two baseline seeds 0.9%
+apart), so the study trains at `--lr 1e-3`; and the aux-loss-free balancing's sign step (bias += gamma *
+sign(mean load - load), arXiv 2412.19437 §2.1.2) turns a last-bit difference in an expert's load into a full
+gamma step of its bias near balance, so biases of two runs random-walk apart (at 1e-3 with it: pairs -0.2%
+and +1.0%; without it, one pair -0.02%): `--bias-update-rate 0`. Both are options; the sequence-wise balance
+loss stays on. Spike policy `warn` in every run, so every update is applied and no rollback changes the
+batches.
 
 The baseline (`--baseline`) is BF16 (train.precision=bf16, autocast), the report's, where this CPU computes
 BF16 GEMMs natively (oneDNN's BF16 path). A CPU without it (AVX2 only) runs BF16 GEMMs in torch's scalar
