@@ -42,8 +42,10 @@ plus per-seed losses, step times and the sizes. Writes benchmarks/results/fp8_lo
 (every run's loss curve, and each seed's FP8 - baseline difference).
 
 The runs are independent processes, `--jobs` at a time with `--threads` threads each (default 2 x 1: both
-cores of a 2-core machine busy). Their step times share the machine, so the FP8/baseline step-time ratio
-(`fp8_step_time_ratio`, medians over all runs) is only as steady as the machine's load.
+cores of a 2-core machine busy), so their step times share the machine (`study_*_step_s_median`). The step
+times that count (`baseline_step_s`, `fp8_step_s`, `fp8_step_time_ratio`) come from short runs afterwards, each
+alone on the machine with `--time-threads` threads (default 2), baseline and FP8 in turns, twice: the median
+of `--time-steps` steps at the full global batch.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--other-threads", type=int, default=None,
                    help="threads of the extra baseline run of seed 0 (default: 2 if --threads is 1, else 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
+    p.add_argument("--time-threads", type=int, default=2,
+                   help="threads of the step-time runs (each alone on the machine, baseline and FP8 in turns)")
+    p.add_argument("--time-steps", type=int, default=20, help="timed steps per step-time run (after 3 warm-up)")
     p.add_argument("--keep", default=None, help="keep the run directories under this path (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS), help="where fp8_loss.json and fp8_loss.png go")
     args = p.parse_args(argv)
@@ -208,6 +213,42 @@ def median_step_s(run: dict) -> float:
     return statistics.median(r["step_time"] for r in run["records"][min(5, len(run["records"]) - 1):])
 
 
+WARM_UP = 3
+TIME_ROUNDS = 2
+
+
+def time_one(job: tuple) -> tuple[str, float]:
+    """One step-time run, alone on the machine, in its own process: the median step time of the timed steps
+    at the full global batch (the batch ramp off, no validation; the last step, which saves, not counted)."""
+    precision, config = job
+    torch.set_num_threads(config.run.threads)
+    from moetron.train.trainer import Trainer
+
+    try:
+        Trainer(config).fit()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+    records = _read_metrics(Path(config.run.dir) / "metrics.jsonl")
+    return precision, statistics.median(r["step_time"] for r in records[WARM_UP:-1])
+
+
+def time_steps(args, pool_context, scratch: Path) -> dict[str, float]:
+    """The baseline's and FP8's step time, each run alone with --time-threads threads, in turns."""
+    jobs = []
+    for k in range(TIME_ROUNDS):
+        for precision in ("base", "fp8"):
+            config = build_config(args, precision == "fp8", 0, args.time_threads, scratch / f"time_{precision}_{k}")
+            config.train.steps = config.run.save_every = WARM_UP + args.time_steps + 1
+            config.train.batch_ramp_start, config.train.eval_every = config.train.global_batch_size, 0
+            jobs.append((precision, config.validate()))
+    times: dict[str, list[float]] = {"base": [], "fp8": []}
+    with pool_context.Pool(1, maxtasksperchild=1) as pool:
+        for precision, seconds in pool.imap(time_one, jobs):
+            times[precision].append(seconds)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
 def relative_differences(arm: list[float], base: list[float]) -> list[float]:
     """(arm(s) - base(s)) / base(s) per seed: a paired difference."""
     return [(a - b) / b for a, b in zip(arm, base, strict=True)]
@@ -221,7 +262,7 @@ def noise_floor(null: list[float]) -> float:
     return T95[n] * math.sqrt(statistics.fmean(d * d for d in null)) / math.sqrt(n)
 
 
-def summarize(args, runs: dict[str, dict]) -> dict:
+def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
     seeds = range(args.seeds)
     base = [final_loss(runs[f"base_s{s}"], args.last) for s in seeds]
     fp8 = [final_loss(runs[f"fp8_s{s}"], args.last) for s in seeds]
@@ -259,9 +300,12 @@ def summarize(args, runs: dict[str, dict]) -> dict:
         "fp8_final_val_loss_per_seed": val["fp8"],
         "relative_val_loss_error": (abs(statistics.fmean(val["fp8"]) - statistics.fmean(val["base"]))
                                     / statistics.fmean(val["base"]) if None not in val["base"] + val["fp8"] else None),
-        "baseline_step_s_median": step_s["base"],
-        "fp8_step_s_median": step_s["fp8"],
-        "fp8_step_time_ratio": step_s["fp8"] / step_s["base"],
+        "baseline_step_s": alone["base"],
+        "fp8_step_s": alone["fp8"],
+        "fp8_step_time_ratio": alone["fp8"] / alone["base"],
+        "time_threads": args.time_threads,
+        "study_baseline_step_s_median": step_s["base"],
+        "study_fp8_step_s_median": step_s["fp8"],
         "seeds": args.seeds,
         "steps": args.steps,
         "lr": cfg.train.optim.lr,
@@ -335,7 +379,8 @@ def main(argv=None) -> dict:
                 for run in plan]
         print(f"fp8_loss: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time ...", flush=True)
         runs = {}
-        pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)  # a fresh process per run
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(args.jobs, maxtasksperchild=1)  # a fresh process per run
         try:
             for run in pool.imap_unordered(train_one, jobs):
                 runs[run["name"]] = run
@@ -345,7 +390,10 @@ def main(argv=None) -> dict:
         finally:
             pool.terminate()
             pool.join()
-    result = summarize(args, runs)
+        print(f"fp8_loss: step times, {args.baseline} and fp8 in turns, each alone with {args.time_threads} threads ...",
+              flush=True)
+        alone = time_steps(args, context, Path(tmp))
+    result = summarize(args, runs, alone)
     (out / "fp8_loss.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(args, runs, result, out / "fp8_loss.png")
     lo, hi = result["relative_loss_difference_ci95"]
@@ -355,8 +403,8 @@ def main(argv=None) -> dict:
     print(f"noise floor {result['noise_floor']:.5f} ({args.baseline} at {args.other_threads} vs {args.threads} threads, "
           f"per seed {', '.join(f'{d:+.5f}' for d in result['baseline_thread_difference_per_seed'])}); "
           f"fp8_within_noise = {result['fp8_within_noise']}; {args.baseline} seed spread {result['baseline_seed_spread']:.5f}")
-    print(f"median step: {args.baseline} {result['baseline_step_s_median'] * 1e3:.0f} ms, fp8 {result['fp8_step_s_median'] * 1e3:.0f} ms "
-          f"(x{result['fp8_step_time_ratio']:.2f}, {args.jobs} runs sharing the machine)")
+    print(f"step time alone, {args.time_threads} threads: {args.baseline} {result['baseline_step_s'] * 1e3:.0f} ms, "
+          f"fp8 {result['fp8_step_s'] * 1e3:.0f} ms (x{result['fp8_step_time_ratio']:.2f})")
     print(f"wrote {out / 'fp8_loss.json'} and {out / 'fp8_loss.png'}")
     print(f"relative_loss_error = {result['relative_loss_error']:.4f}")
     return result

@@ -41,7 +41,7 @@ def test_summary_of_three_seeds(bench):
     for s in range(3):
         for name, value in ((f"base_s{s}", base[s]), (f"fp8_s{s}", fp8[s]), (f"base_s{s}_t2", twin[s])):
             runs[name] = run(name, value)
-    out = bench.summarize(args, runs)
+    out = bench.summarize(args, runs, {"base": 0.5, "fp8": 0.7})
     assert out["relative_loss_error"] == pytest.approx(abs(sum(fp8) - sum(base)) / sum(base))  # 0.03 / 13.5
     paired = [0.01 / 4.0, -0.01 / 5.0, 0.03 / 4.5]
     mean = sum(paired) / 3
@@ -55,3 +55,4 @@ def test_summary_of_three_seeds(bench):
     assert out["fp8_within_noise"] is (out["relative_loss_error"] <= out["noise_floor"])
     assert out["baseline_seed_spread"] == pytest.approx(0.5 / 4.5)
     assert out["relative_val_loss_error"] == pytest.approx(0.03 / 16.5)
+    assert out["fp8_step_time_ratio"] == pytest.approx(1.4)
