@@ -322,8 +322,9 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
         "experts": cfg.model.n_routed_experts,
         "wall_s": sum(r["wall_s"] for r in runs.values()) / args.jobs,
         "torch_version": torch.__version__,
-        "note": f"{args.jobs} runs at a time, {args.threads} thread(s) each, on a possibly shared CPU: step times "
-                "and their ratio follow the machine's load; the losses do not",
+        "note": f"the study ran {args.jobs} runs at a time ({args.threads} thread(s) each; the twins "
+                f"{args.other_threads}): its step times (study_*) follow the machine's load, the losses do not; "
+                f"fp8_step_time_ratio comes from runs alone with {args.time_threads} threads",
     }
 
 
@@ -352,17 +353,21 @@ def plot(args, runs: dict[str, dict], result: dict, path: Path) -> None:
     top.set_title(f"FP8 (emulated) vs {base}: {args.model}, {args.seeds} seeds, {args.steps} steps, seq {args.seq_len}")
     window = 10
     for s in range(args.seeds):
-        b, f = runs[f"base_s{s}"]["records"], runs[f"fp8_s{s}"]["records"]
-        diff = [(x["loss"] - y["loss"]) / y["loss"] * 100 for x, y in zip(f, b, strict=True)]
-        smooth = [statistics.fmean(diff[max(0, i - window + 1): i + 1]) for i in range(len(diff))]
-        bottom.plot(steps, smooth, lw=0.8, label=f"seed {s}")
+        b = runs[f"base_s{s}"]["records"]
+        for arm, style in ((f"fp8_s{s}", "-"), (f"base_s{s}_t{args.other_threads}", ":")):
+            other = runs[arm]["records"]
+            diff = [(x["loss"] - y["loss"]) / y["loss"] * 100 for x, y in zip(other, b, strict=True)]
+            smooth = [statistics.fmean(diff[max(0, i - window + 1): i + 1]) for i in range(len(diff))]
+            twin = style == ":"
+            bottom.plot(steps, smooth, lw=0.8, ls=style, color=f"C{s}",
+                        label=f"seed {s}: {base}, {args.other_threads} threads" if twin else f"seed {s}: FP8")
     for sign in (1, -1):
         bottom.axhline(sign * THRESHOLD * 100, color="tab:red", lw=0.8, ls="--")
     bottom.axhline(0, color="black", lw=0.6)
-    bottom.set_ylabel(f"(FP8 - {base}) / {base}, %\n(mean of {window} steps)")
+    bottom.set_ylabel(f"(run - {base}) / {base}, %\n(mean of {window} steps)")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
-    bottom.legend(fontsize=7)
+    bottom.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
