@@ -68,7 +68,7 @@ def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
     if not data.is_contiguous():
         return data.float()
     codes = data.view(torch.uint8).reshape(-1).int()
-    table = E4M3_VALUES if data.device.type == "cpu" else E4M3_VALUES.to(data.device)
+    table = E4M3_VALUES if data.device == E4M3_VALUES.device else E4M3_VALUES.to(data.device)
     return table.index_select(0, codes).view(data.shape)
 
 
