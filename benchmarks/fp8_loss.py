@@ -96,7 +96,7 @@ def parse_args(argv=None):
                    help="aux-loss-free balancing's bias update speed (the tiny schedule's is 1e-3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     p.add_argument("--other-threads", type=int, default=None,
-                   help="threads of the extra baseline run of seed 0 (default: 2 if --threads is 1, else 1)")
+                   help="threads of each seed's baseline twin (default: 2 if --threads is 1, else 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
     p.add_argument("--time-threads", type=int, default=2,
                    help="threads of the step-time runs (each alone on the machine, baseline and FP8 in turns)")
