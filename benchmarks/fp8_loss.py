@@ -147,11 +147,9 @@ def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> Moe
     for flag, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("experts", "n_routed_experts")):
         if getattr(args, flag):
             setattr(config.model, key, getattr(args, flag))
-    if args.bias_update_rate is not None:
-        config.train.bias_update_rate = args.bias_update_rate
-    if args.lr is not None:
-        optim, ratio = config.train.optim, args.lr / config.train.optim.lr
-        optim.lr, optim.min_lr, optim.final_lr = args.lr, optim.min_lr * ratio, optim.final_lr * ratio
+    config.train.bias_update_rate = args.bias_update_rate
+    optim, ratio = config.train.optim, args.lr / config.train.optim.lr
+    optim.lr, optim.min_lr, optim.final_lr = args.lr, optim.min_lr * ratio, optim.final_lr * ratio
     config.model.max_position_embeddings = max(config.model.max_position_embeddings, args.seq_len)
     config.data.seed = 0  # every run sees the same batches: a seed changes only the initialization
     config.monitor.spike.policy = "warn"
@@ -172,22 +170,26 @@ def plan_runs(args) -> list[dict]:
     return runs
 
 
+def _train(config: MoetronConfig) -> list[dict]:
+    """Train one run with run.threads threads, in this (pool worker) process; its metrics records."""
+    from moetron.train.trainer import Trainer
+
+    torch.set_num_threads(config.run.threads)
+    try:
+        Trainer(config).fit()
+    finally:  # the trainer's preemption handlers would keep this worker from ending on SIGTERM
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+    return _read_metrics(Path(config.run.dir) / "metrics.jsonl")
+
+
 def train_one(job: tuple) -> dict:
     """One run, in its own process: train (or read a finished run's metrics) and return its records."""
     run, config = job
-    torch.set_num_threads(run["threads"])
     metrics = Path(config.run.dir) / "metrics.jsonl"
     start = time.perf_counter()
     trained = not _finished(metrics, config.train.steps)
-    if trained:
-        from moetron.train.trainer import Trainer
-
-        try:
-            Trainer(config).fit()
-        finally:  # the trainer's preemption handlers would keep this worker from ending on SIGTERM
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_DFL)
-    records = _read_metrics(metrics)
+    records = _train(config) if trained else _read_metrics(metrics)
     # a run kept from an earlier invocation (--keep) counts its own training time
     wall = time.perf_counter() - start if trained else sum(r["step_time"] for r in records)
     return {**run, "records": records, "wall_s": wall}
@@ -221,16 +223,7 @@ def time_one(job: tuple) -> tuple[str, float]:
     """One step-time run, alone on the machine, in its own process: the median step time of the timed steps
     at the full global batch (the batch ramp off, no validation; the last step, which saves, not counted)."""
     precision, config = job
-    torch.set_num_threads(config.run.threads)
-    from moetron.train.trainer import Trainer
-
-    try:
-        Trainer(config).fit()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
-    records = _read_metrics(Path(config.run.dir) / "metrics.jsonl")
-    return precision, statistics.median(r["step_time"] for r in records[WARM_UP:-1])
+    return precision, statistics.median(r["step_time"] for r in _train(config)[WARM_UP:-1])
 
 
 def time_steps(args, pool_context, scratch: Path) -> dict[str, float]:
@@ -254,6 +247,11 @@ def relative_differences(arm: list[float], base: list[float]) -> list[float]:
     return [(a - b) / b for a, b in zip(arm, base, strict=True)]
 
 
+def relative_error(arm: list[float], base: list[float]) -> float:
+    """|mean(arm) - mean(base)| / mean(base): the seed-averaged relative error."""
+    return abs(statistics.fmean(arm) - statistics.fmean(base)) / statistics.fmean(base)
+
+
 def noise_floor(null: list[float]) -> float:
     """How far the seed-averaged relative difference of two arms that should not differ can land, at 95%:
     Student's t (as many degrees of freedom as seeds: the null mean is known, zero) times the root mean
@@ -270,7 +268,7 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
     base_mean, fp8_mean = statistics.fmean(base), statistics.fmean(fp8)
     paired, null = relative_differences(fp8, base), relative_differences(twin, base)
     diff, half = statistics.fmean(paired), T95[args.seeds - 1] * statistics.stdev(paired) / math.sqrt(args.seeds)
-    rel = abs(fp8_mean - base_mean) / base_mean
+    rel = relative_error(fp8, base)
     seed_spread = statistics.stdev(base) / base_mean
     noise = noise_floor(null)
     step_s = {p: statistics.median(median_step_s(runs[f"{p}_s{s}"]) for s in seeds) for p in ("base", "fp8")}
@@ -286,7 +284,7 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
         "threshold": THRESHOLD,
         "passed": rel < THRESHOLD,
         "noise_floor_below_threshold": noise < THRESHOLD,
-        "baseline_thread_difference": abs(statistics.fmean(twin) - base_mean) / base_mean,
+        "baseline_thread_difference": relative_error(twin, base),
         "baseline_thread_difference_per_seed": null,
         "fp8_difference_per_seed": paired,
         "baseline_seed_spread": seed_spread,
@@ -298,8 +296,8 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
         "baseline_other_threads_loss_per_seed": twin,
         "baseline_final_val_loss_per_seed": val["base"],
         "fp8_final_val_loss_per_seed": val["fp8"],
-        "relative_val_loss_error": (abs(statistics.fmean(val["fp8"]) - statistics.fmean(val["base"]))
-                                    / statistics.fmean(val["base"]) if None not in val["base"] + val["fp8"] else None),
+        "relative_val_loss_error": (relative_error(val["fp8"], val["base"])
+                                    if None not in val["base"] + val["fp8"] else None),
         "baseline_step_s": alone["base"],
         "fp8_step_s": alone["fp8"],
         "fp8_step_time_ratio": alone["fp8"] / alone["base"],
@@ -355,8 +353,8 @@ def plot(args, runs: dict[str, dict], result: dict, path: Path) -> None:
     for s in range(args.seeds):
         b = runs[f"base_s{s}"]["records"]
         for arm, style in ((f"fp8_s{s}", "-"), (f"base_s{s}_t{args.other_threads}", ":")):
-            other = runs[arm]["records"]
-            diff = [(x["loss"] - y["loss"]) / y["loss"] * 100 for x, y in zip(other, b, strict=True)]
+            diff = [100 * d for d in relative_differences([r["loss"] for r in runs[arm]["records"]],
+                                                          [r["loss"] for r in b])]
             smooth = [statistics.fmean(diff[max(0, i - window + 1): i + 1]) for i in range(len(diff))]
             twin = style == ":"
             bottom.plot(steps, smooth, lw=0.8, ls=style, color=f"C{s}",
