@@ -1,8 +1,10 @@
 """Helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
 
+import importlib.util
 import json
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -21,6 +23,15 @@ def world_of_one():
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_model_config(**overrides) -> ModelConfig:

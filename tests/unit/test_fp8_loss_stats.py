@@ -3,21 +3,15 @@ paired difference with its Student's t interval, and the noise floor from the BF
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_loss.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fp8_loss", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fp8_loss")
 
 
 def run(name: str, final: float, steps: int = 6, last: int = 2) -> dict:

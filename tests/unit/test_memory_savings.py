@@ -3,21 +3,14 @@ gradients bitwise equal; the distributed trainer's EMA lives in CPU memory as on
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_savings.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("memory_savings", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_savings")
 
 
 @pytest.fixture(scope="module")
