@@ -288,11 +288,10 @@ def deepseek(args):
     return run
 
 
-def formula_step(name: str, pp: int, chunks: int, f: float, b: float, w: float) -> float:
+def formula_step(name: str, p: int, chunks: int, f: float, b: float, w: float) -> float:
     """Work per rank plus the report's bubble (section 3.2.1, Table 2; B is the full backward, an F&B
     pair of sleeping stages overlaps nothing, so F&B = F + B), for stage costs f, b, w (s). DualPipeV is
-    DualPipe over its 2 PP half-size stages."""
-    p = pp
+    DualPipe over its 2 PP half-size stages (p: pipeline ranks)."""
     bubble = {"1f1b": (p - 1) * (f + b), "zb1p": (p - 1) * (f + b - 2 * w),
               "dualpipe": (p / 2 - 1) * ((f + b) + b - 3 * w),
               "dualpipev": (p - 1) * ((f + b) + b - 3 * w) / 2}[name]

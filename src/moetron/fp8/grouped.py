@@ -31,11 +31,11 @@ from moetron.fp8.weight_cache import QuantizedWeights, prepared, quantized_weigh
 
 def grouped_gemm(kernel: Kernel, a, a_scales, b, b_scales, splits: list[int], out_dtype) -> torch.Tensor:
     """Rows of expert e times b[e]^T: a [N, K] FP8 (1x128), b [E, out, K] FP8 (128x128) -> [N, out]."""
+    a, b = prepared(kernel, a), prepared(kernel, b)
     grouped = getattr(kernel, "grouped", None)  # the kernel's own loop over experts, if it has one
     if grouped is not None:
-        return grouped(prepared(kernel, a), a_scales, prepared(kernel, b), b_scales, splits, out_dtype)
+        return grouped(a, a_scales, b, b_scales, splits, out_dtype)
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    a, b = prepared(kernel, a), prepared(kernel, b)
     start = 0
     for expert, rows in enumerate(splits):
         if rows:

@@ -150,7 +150,8 @@ class Trainer:
         self.mesh = self.build_mesh(ranks_per_node_from_env(ranks_per_node or config.parallel.ranks_per_node,
                                                             self.world))
         self._name_groups()
-        self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, data_seed(config.data, config.run.seed))
+        self.data_seed = data_seed(config.data, config.run.seed)  # the batch order's; run.seed sets the initialization
+        self.data = None if self.dry_run else build_data(config.data, config.train.seq_len, self.data_seed)
         if self.data is not None and self.data.tokenizer.vocab_size > config.model.vocab_size:
             raise invalid("model.vocab_size", config.model.vocab_size, f"at least {self.data.tokenizer.vocab_size}",
                           f"The tokenizer has {self.data.tokenizer.vocab_size} tokens.")
@@ -618,8 +619,7 @@ class Trainer:
         with self.phases.phase("data"):
             batch_size = self.batch_size()
             mtp_lambda = schedules.mtp_lambda(train, state.tokens)
-            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True,
-                                          seed=data_seed(self.cfg.data, self.cfg.run.seed))
+            batch = self.data.train.batch(state.sequences, batch_size, shuffle=True, seed=self.data_seed)
             batch = self.faults.batch(step, batch, self.data.tokenizer.vocab_size)
         with self.phases.phase("forward_backward"):
             sums = self.accumulate_gradients(batch, mtp_lambda, self.faults.loss_factor(step))
