@@ -2,8 +2,9 @@
 DeepSeek-V3 (arXiv 2412.19437, §3.3) reports a relative loss error of FP8 vs BF16 below 0.25%.
 
 The same model (default: the `tiny` preset), data (hydra_conf/data/default.yaml: the corpus and tokenizer
-`make corpus` builds) and schedule (hydra_conf/train/tiny.yaml, whose 300 steps run the whole LR schedule down
-to its final LR) are trained with moetron's Trainer in the baseline precision and in FP8 (the same, plus
+`make corpus` builds) and schedule (hydra_conf/train/tiny.yaml: warm-up, constant, cosine, floor, final LR, batch
+ramp, MTP switch, every stage in token counts, compressed into `--steps` steps: at the tiny schedule's
+micro-batch of 8 sequences each run ends where the cosine decay reaches its floor, min_lr) are trained with moetron's Trainer in the baseline precision and in FP8 (the same, plus
 fp8.enabled with the `emulated` backend: E4M3 1x128 / 128x128 quantization numerics, GEMMs in FP32), once per
 seed. A seed sets the initialization only: every run reads the same batches in the same order (data.seed=0),
 so a baseline and an FP8 run of one seed differ only by the numerics. Each seed also trains a baseline twin
@@ -16,9 +17,12 @@ outcome moves a run's loss by about 1% for good (FP8 vs baseline of one seed +1.
 apart), so the study trains at `--lr 1e-3`; and the aux-loss-free balancing's sign step (bias += gamma *
 sign(mean load - load), arXiv 2412.19437 §2.1.2) turns a last-bit difference in an expert's load into a full
 gamma step of its bias near balance, so biases of two runs random-walk apart (at 1e-3 with it: pairs -0.2%
-and +1.0%; without it, one pair -0.02%): `--bias-update-rate 0`. Both are options; the sequence-wise balance
-loss stays on. Spike policy `warn` in every run, so every update is applied and no rollback changes the
-batches.
+and +1.0%; without it, one pair -0.02%): `--bias-update-rate 0`. What remains sets the run length and the
+number of seeds: the twins' drift grows with the steps (RMS over 4 seeds 0.47% after the full 300-step
+schedule; in pairs stopped at step 150, 0.05-0.17%), and the floor shrinks with sqrt(seeds), so the default
+is more seeds of the schedule compressed into 150 steps (8 x 3 runs in about the time of 4 x 3 of 300 steps).
+Both are options; the sequence-wise balance loss stays on. Spike policy `warn` in every run, so every update
+is applied and no rollback changes the batches.
 
 The baseline (`--baseline`) is BF16 (train.precision=bf16, autocast), the report's, where this CPU computes
 BF16 GEMMs natively (oneDNN's BF16 path). A CPU without it (AVX2 only) runs BF16 GEMMs in torch's scalar
@@ -42,7 +46,9 @@ plus per-seed losses, step times and the sizes. Writes benchmarks/results/fp8_lo
 (every run's loss curve, and each seed's FP8 - baseline difference).
 
 The runs are independent processes, `--jobs` at a time with `--threads` threads each (default 2 x 1: both
-cores of a 2-core machine busy), so their step times share the machine (`study_*_step_s_median`). The step
+cores of a 2-core machine busy), then the twins, as many at a time as fit in as many threads (default one at a
+time with its 2 threads), so their step times share the machine (`study_*_step_s_median`). `wall_s` is the
+whole invocation's time (runs kept from an earlier one with `--keep` are not trained again). The step
 times that count (`baseline_step_s`, `fp8_step_s`, `fp8_step_time_ratio`) come from short runs afterwards, each
 alone on the machine with `--time-threads` threads (default 2), baseline and FP8 in turns, twice: the median
 of `--time-steps` steps at the full global batch.
@@ -74,16 +80,20 @@ THRESHOLD = 0.0025  # DeepSeek-V3 §3.3: FP8 vs BF16 relative loss error below 0
 def native_bf16_gemms() -> bool:
     """Does this CPU run BF16 GEMMs in oneDNN's BF16 path (AVX512 / AMX), rather than torch's scalar fallback?"""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Student's t, two-sided 95%, by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+TINY_STEPS = 300  # the steps hydra_conf/train/tiny.yaml's token counts are laid out for
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=4, help="seeds, each trained in the baseline and in FP8")
+    p.add_argument("--seeds", type=int, default=8, help="seeds, each trained in the baseline and in FP8")
     p.add_argument("--baseline", choices=("auto", "bf16", "fp32"), default="auto",
                    help="precision FP8 is compared with (auto: bf16 where this CPU has BF16 GEMMs, else fp32)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the tiny schedule's 300)")
-    p.add_argument("--last", type=int, default=50, help="final steps over which each run's loss is averaged")
+    p.add_argument("--steps", type=int, default=150,
+                   help=f"optimizer steps per run, the tiny schedule ({TINY_STEPS} steps) compressed into them")
+    p.add_argument("--last", type=int, default=25, help="final steps over which each run's loss is averaged")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-batches", type=int, default=16, help="held-out micro-batches of the final validation")
     p.add_argument("--model", default="tiny", help="a preset of hydra_conf/model/")
@@ -104,8 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", default=None, help="keep the run directories under this path (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS), help="where fp8_loss.json and fp8_loss.png go")
     args = p.parse_args(argv)
-    if args.seeds < 2:
-        p.error(f"--seeds ({args.seeds}) must be at least 2: the spread over seeds needs two")
+    if not 2 <= args.seeds <= max(T95):
+        p.error(f"--seeds ({args.seeds}) must be in 2..{max(T95)}: the spread over seeds needs two, and the "
+                f"t table ends there")
     if not 0 < args.last <= args.steps:
         p.error(f"--last ({args.last}) must be in 1..--steps ({args.steps})")
     if args.threads < 1 or args.jobs < 1:
@@ -133,6 +144,17 @@ def data_config() -> DataConfig:
     return data
 
 
+def compress_schedule(train: TrainConfig, steps: int) -> None:
+    """The tiny schedule's stages (token counts laid out for TINY_STEPS steps, and the warm-up) in `steps`."""
+    ratio = steps / TINY_STEPS
+    for owner, name in ((train, "batch_ramp_tokens"), (train, "mtp_lambda_switch_tokens"),
+                        (train, "bias_update_stop_tokens"), (train.optim, "decay_start_tokens"),
+                        (train.optim, "decay_tokens"), (train.optim, "final_lr_start_tokens")):
+        setattr(owner, name, getattr(owner, name) * ratio)
+    train.optim.warmup_steps = max(1, round(train.optim.warmup_steps * ratio))
+    train.steps = steps
+
+
 def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> MoetronConfig:
     config = MoetronConfig(
         model=preset(ModelConfig, "model", args.model),
@@ -142,7 +164,8 @@ def build_config(args, fp8: bool, seed: int, threads: int, run_dir: Path) -> Moe
                       threads=threads),
         monitor=MonitorConfig(wandb=False, report=False),
     )
-    config.train.steps, config.train.seq_len, config.train.eval_every = args.steps, args.seq_len, args.steps
+    compress_schedule(config.train, args.steps)
+    config.train.seq_len, config.train.eval_every = args.seq_len, args.steps
     config.train.eval_batches = args.eval_batches
     for flag, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("experts", "n_routed_experts")):
         if getattr(args, flag):
@@ -168,6 +191,15 @@ def plan_runs(args) -> list[dict]:
                  {"name": f"base_s{s}_t{args.other_threads}", "precision": "base", "seed": s,
                   "threads": args.other_threads}]
     return runs
+
+
+def waves(args, jobs: list[tuple]) -> list[tuple[list[tuple], int]]:
+    """The runs at --threads, --jobs at a time, then the twins at --other-threads, as many at a time as fit in
+    the same jobs x threads (at least one): no more threads than cores on the machine the defaults are for
+    (a 2-thread twin beside a 1-thread run would share 2 cores between 3 threads)."""
+    ours = [job for job in jobs if job[0]["threads"] == args.threads]
+    twins = [job for job in jobs if job[0]["threads"] != args.threads]
+    return [(ours, args.jobs), (twins, max(1, args.jobs * args.threads // args.other_threads))]
 
 
 def _train(config: MoetronConfig) -> list[dict]:
@@ -318,10 +350,9 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
         "hidden": cfg.model.hidden_size,
         "layers": cfg.model.num_hidden_layers,
         "experts": cfg.model.n_routed_experts,
-        "wall_s": sum(r["wall_s"] for r in runs.values()) / args.jobs,
         "torch_version": torch.__version__,
-        "note": f"the study ran {args.jobs} runs at a time ({args.threads} thread(s) each; the twins "
-                f"{args.other_threads}): its step times (study_*) follow the machine's load, the losses do not; "
+        "note": f"the study ran {args.jobs} runs at a time ({args.threads} thread(s) each), then the twins "
+                f"({args.other_threads} threads each) {waves(args, [])[1][1]} at a time: its step times (study_*) follow the machine's load, the losses do not; "
                 f"fp8_step_time_ratio comes from runs alone with {args.time_threads} threads",
     }
 
@@ -372,6 +403,7 @@ def plot(args, runs: dict[str, dict], result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    start = time.perf_counter()
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,23 +412,25 @@ def main(argv=None) -> dict:
         base = Path(args.keep) if args.keep else Path(tmp)
         jobs = [(run, build_config(args, run["precision"] == "fp8", run["seed"], run["threads"], base / run["name"]))
                 for run in plan]
-        print(f"fp8_loss: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time ...", flush=True)
         runs = {}
         context = multiprocessing.get_context("spawn")
-        pool = context.Pool(args.jobs, maxtasksperchild=1)  # a fresh process per run
-        try:
-            for run in pool.imap_unordered(train_one, jobs):
-                runs[run["name"]] = run
-                print(f"fp8_loss: {run['name']}: last-{args.last} loss {final_loss(run, args.last):.4f}, median step "
-                      f"{median_step_s(run) * 1e3:.0f} ms, {run['wall_s']:.0f} s", flush=True)
-            pool.close()
-        finally:
-            pool.terminate()
-            pool.join()
+        for wave, at_once in waves(args, jobs):
+            print(f"fp8_loss: {len(wave)} runs of {args.steps} steps, {at_once} at a time ...", flush=True)
+            pool = context.Pool(at_once, maxtasksperchild=1)  # a fresh process per run
+            try:
+                for run in pool.imap_unordered(train_one, wave):
+                    runs[run["name"]] = run
+                    print(f"fp8_loss: {run['name']}: last-{args.last} loss {final_loss(run, args.last):.4f}, median "
+                          f"step {median_step_s(run) * 1e3:.0f} ms, {run['wall_s']:.0f} s", flush=True)
+                pool.close()
+            finally:
+                pool.terminate()
+                pool.join()
         print(f"fp8_loss: step times, {args.baseline} and fp8 in turns, each alone with {args.time_threads} threads ...",
               flush=True)
         alone = time_steps(args, context, Path(tmp))
     result = summarize(args, runs, alone)
+    result["wall_s"] = time.perf_counter() - start
     (out / "fp8_loss.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(args, runs, result, out / "fp8_loss.png")
     lo, hi = result["relative_loss_difference_ci95"]

@@ -26,6 +26,8 @@ def row_scales(b_scales: torch.Tensor, rows: int, block: bool) -> torch.Tensor:
     if not block:
         return b_scales
     *lead, blocks, kb = b_scales.shape  # each block row's scales repeated over its 128 rows (a broadcast, then one copy)
+    if blocks == 1 and rows <= TILE:  # one block row: the broadcast view alone, no copy
+        return b_scales.expand(*lead, rows, kb)
     per_row = b_scales.unsqueeze(-2).expand(*lead, blocks, TILE, kb).reshape(*lead, blocks * TILE, kb)
     return per_row[..., :rows, :]
 
