@@ -2,12 +2,13 @@
 DeepSeek-V3 (arXiv 2412.19437, §3.3) reports a relative loss error of FP8 vs BF16 below 0.25%.
 
 The same model (default: the `tiny` preset), data (hydra_conf/data/default.yaml: the corpus and tokenizer
-`make corpus` builds) and schedule (hydra_conf/train/tiny.yaml: warm-up, constant, cosine, floor, final LR, batch
-ramp, MTP switch, every stage in token counts, compressed into `--steps` steps: at the tiny schedule's
-micro-batch of 8 sequences each run ends where the cosine decay reaches its floor, min_lr) are trained with moetron's Trainer in the baseline precision and in FP8 (the same, plus
-fp8.enabled with the `emulated` backend: E4M3 1x128 / 128x128 quantization numerics, GEMMs in FP32), once per
-seed. A seed sets the initialization only: every run reads the same batches in the same order (data.seed=0),
-so a baseline and an FP8 run of one seed differ only by the numerics. Each seed also trains a baseline twin
+`make corpus` builds) and schedule (hydra_conf/train/tiny.yaml: warm-up, constant, cosine, floor, final LR,
+batch ramp, MTP switch, every stage in token counts, compressed into `--steps` steps: at the tiny schedule's
+micro-batch of 8 sequences each run ends where the cosine decay reaches its floor, min_lr) are trained with
+moetron's Trainer in the baseline precision and in FP8 (the same, plus fp8.enabled with the `emulated` backend:
+E4M3 1x128 / 128x128 quantization numerics, GEMMs in FP32), once per seed. A seed sets the initialization
+only: every run reads the same batches in the same order (data.seed=0), so a baseline and an FP8 run of one
+seed differ only by the numerics. Each seed also trains a baseline twin
 at another thread count: a change that should not matter, which still changes the rounding of reductions.
 A small MoE amplifies any such difference (a token routed to another expert, a balancing bias stepped the
 other way), so two runs that differ in the last bit drift apart by tenths of a percent: the twins measure
@@ -195,13 +196,18 @@ def plan_runs(args) -> list[dict]:
     return runs
 
 
+def twins_at_once(args) -> int:
+    """As many twins at --other-threads as fit in --jobs x --threads threads (at least one)."""
+    return max(1, args.jobs * args.threads // args.other_threads)
+
+
 def waves(args, jobs: list[tuple]) -> list[tuple[list[tuple], int]]:
-    """The runs at --threads, --jobs at a time, then the twins at --other-threads, as many at a time as fit in
-    the same jobs x threads (at least one): no more threads than cores on the machine the defaults are for
-    (a 2-thread twin beside a 1-thread run would share 2 cores between 3 threads)."""
+    """The runs at --threads, --jobs at a time, then the twins, twins_at_once at a time: no more threads than
+    cores on the machine the defaults are for (a 2-thread twin beside a 1-thread run would share 2 cores
+    between 3 threads)."""
     ours = [job for job in jobs if job[0]["threads"] == args.threads]
     twins = [job for job in jobs if job[0]["threads"] != args.threads]
-    return [(ours, args.jobs), (twins, max(1, args.jobs * args.threads // args.other_threads))]
+    return [(ours, args.jobs), (twins, twins_at_once(args))]
 
 
 def _train(config: MoetronConfig) -> list[dict]:
@@ -354,7 +360,8 @@ def summarize(args, runs: dict[str, dict], alone: dict[str, float]) -> dict:
         "experts": cfg.model.n_routed_experts,
         "torch_version": torch.__version__,
         "note": f"the study ran {args.jobs} runs at a time ({args.threads} thread(s) each), then the twins "
-                f"({args.other_threads} threads each) {waves(args, [])[1][1]} at a time: its step times (study_*) follow the machine's load, the losses do not; "
+                f"({args.other_threads} threads each) {twins_at_once(args)} at a time: its step times (study_*) "
+                f"follow the machine's load, the losses do not; "
                 f"fp8_step_time_ratio comes from runs alone with {args.time_threads} threads",
     }
 
